@@ -1,0 +1,141 @@
+"""Ours: send each request where its first token is expected soonest.
+
+For every eligible replica the policy estimates the request's time to first token from what the router
+knows, in the engine's own cost terms (the emulator's step-time model, sim-traces.md §1.10):
+
+* **own prefill**: only the tokens the replica does not already hold (the prefix index's match) must be
+  computed, at ``a`` ms per token plus causal attention ``c·n·(m + n/2)``;
+* **queued prefill**: the uncached tokens and attention work of requests the router sent there that
+  have not produced a first token yet: chunked prefill serves them first;
+* **decode drag**: every step that carries that prefill also carries the replica's running decodes,
+  which read their whole context (``b`` ms per KV token) — a replica full of long contexts prefills
+  slowly;
+* **KV pressure**: a replica whose in-flight KV would pass ``kv_headroom`` of its capacity is likely to
+  preempt (recompute) someone; it is avoided unless every replica is in that state.
+
+The request goes to the replica with the lowest ``estimate + fleet_work_weight · own prefill``: the
+second term values the compute a cache hit saves the whole fleet (at high load, capacity *is* compute),
+beyond this one request's latency. Cache affinity and load balance are thereby one trade-off in one
+unit (milliseconds): a hot prefix stays on its replica while the saved prefill outweighs the queue
+there, and spills to a second replica (which then caches it too) as soon as it does not.
+
+A request that cannot meet the TTFT SLO anywhere (a 100k-token prompt with nothing cached takes longer
+than 2 s to prefill on an idle H100) is sent where it disturbs fewest others — the replica with the
+fewest requests in flight — instead of where it would finish first, which would stall the requests that
+can still meet their SLO behind it (``unreachable="isolate"``, the default). Such requests then tend to
+share the replicas already busy with one: the fleet meets the SLO for far more requests, at the price of
+a long tail for the requests that could not meet it anyway. ``unreachable="soonest"`` trades the other
+way. Simulator results behind these choices: docs/policies.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from policies.routing.base import Decision, FleetView, ReplicaView, RequestFeatures, RoutingPolicy, require_replicas
+
+
+class PrefixAffinity(RoutingPolicy):
+    name = "prefix_affinity"
+
+    def __init__(
+        self,
+        prefill_ms_per_token: float = 0.0208,
+        attention_ms_per_unit: float = 1.0e-6,
+        decode_ms_per_kv_token: float = 4.9e-5,
+        step_ms: float = 7.3,
+        token_budget: int = 8192,
+        kv_headroom: float = 0.9,
+        kv_pressure_ms: float = 10_000.0,
+        fleet_work_weight: float = 2.0,
+        slo_ttft_ms: float = 2000.0,
+        unreachable: str = "isolate",
+    ) -> None:
+        for name, value in (
+            ("prefill_ms_per_token", prefill_ms_per_token),
+            ("attention_ms_per_unit", attention_ms_per_unit),
+            ("decode_ms_per_kv_token", decode_ms_per_kv_token),
+            ("step_ms", step_ms),
+            ("kv_pressure_ms", kv_pressure_ms),
+            ("fleet_work_weight", fleet_work_weight),
+        ):
+            if value < 0:
+                raise ValueError(f"{name} must be non-negative")
+        if token_budget < 1:
+            raise ValueError("token_budget must be at least 1")
+        if not 0 < kv_headroom <= 1:
+            raise ValueError("kv_headroom must be in (0, 1]")
+        self.a = prefill_ms_per_token
+        self.c = attention_ms_per_unit
+        self.b = decode_ms_per_kv_token
+        self.step_ms = step_ms
+        self.budget = token_budget
+        self.kv_headroom = kv_headroom
+        self.kv_pressure_ms = kv_pressure_ms
+        self.fleet_work_weight = fleet_work_weight
+        if slo_ttft_ms <= 0:
+            raise ValueError("slo_ttft_ms must be positive")
+        self.slo_ttft_ms = slo_ttft_ms
+        if unreachable not in ("isolate", "soonest"):
+            raise ValueError("unreachable must be 'isolate' or 'soonest'")
+        self.unreachable = unreachable
+        self._tiebreak = 0
+
+    def own_prefill_ms(self, request: RequestFeatures, r: ReplicaView) -> tuple[float, int]:
+        """Compute time of this request's uncached prompt on ``r``, and its uncached token count."""
+        p = max(request.prompt_tokens, 1)
+        m = max(0, min(r.prefix_match_tokens, p - 1))
+        n = p - m
+        return self.a * n + self.c * n * (m + n / 2), n
+
+    def estimate_ttft_ms(self, request: RequestFeatures, r: ReplicaView) -> float:
+        own, n = self.own_prefill_ms(request, r)
+        queued = self.a * r.inflight_prefill_new_tokens + self.c * r.inflight_prefill_attention
+        steps = math.ceil((r.inflight_prefill_new_tokens + n) / self.budget)
+        drag = steps * (self.step_ms + self.b * r.inflight_kv_tokens)
+        return own + queued + drag
+
+    def _over_kv(self, request: RequestFeatures, r: ReplicaView) -> bool:
+        capacity = r.kv_capacity_tokens
+        if not capacity:
+            return False
+        projected = r.inflight_kv_tokens + request.prompt_tokens + request.max_tokens
+        return projected > self.kv_headroom * capacity
+
+    def choose(self, request: RequestFeatures, fleet: FleetView) -> Decision:
+        replicas = require_replicas(fleet)
+        self._tiebreak += 1
+        n = len(replicas)
+        best_i, best_cost, best_ttft = 0, math.inf, 0.0
+        soonest = math.inf
+        ttfts = [0.0] * n
+        for i in range(n):
+            j = (i + self._tiebreak) % n  # rotate the scan so exact ties spread
+            r = replicas[j]
+            ttft = self.estimate_ttft_ms(request, r) + (self.kv_pressure_ms if self._over_kv(request, r) else 0.0)
+            ttfts[j] = ttft
+            soonest = min(soonest, ttft)
+            cost = ttft + self.fleet_work_weight * self.own_prefill_ms(request, r)[0]
+            if cost < best_cost:
+                best_i, best_cost, best_ttft = j, cost, ttft
+        if soonest > self.slo_ttft_ms and self.unreachable == "isolate":
+            # Misses its SLO anywhere: place it where it delays fewest requests that still can meet theirs.
+            j = min(range(n), key=lambda k: (replicas[k].inflight_requests, ttfts[k]))
+            return Decision(replicas[j], "slo_unreachable", {"estimated_ttft_ms": ttfts[j]})
+        return Decision(replicas[best_i], "min_cost", {"estimated_ttft_ms": best_ttft, "cost_ms": best_cost})
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "prefill_ms_per_token": self.a,
+            "attention_ms_per_unit": self.c,
+            "decode_ms_per_kv_token": self.b,
+            "step_ms": self.step_ms,
+            "token_budget": self.budget,
+            "kv_headroom": self.kv_headroom,
+            "kv_pressure_ms": self.kv_pressure_ms,
+            "fleet_work_weight": self.fleet_work_weight,
+            "slo_ttft_ms": self.slo_ttft_ms,
+            "unreachable": self.unreachable,
+        }

@@ -1,0 +1,92 @@
+"""Our default policy: minimum estimated TTFT plus fleet prefill work, SLO-aware placement."""
+
+from __future__ import annotations
+
+import pytest
+
+from policies.routing import DEFAULT_POLICY, FleetView, NoEligibleReplica, ReplicaView, RequestFeatures
+from policies.routing.prefix_affinity import PrefixAffinity
+
+
+def view(i: int, **fields: object) -> ReplicaView:
+    return ReplicaView(replica_id=f"r{i}", index=i, kv_capacity_tokens=450_000, **fields)  # type: ignore[arg-type]
+
+
+def request(prompt: int, max_tokens: int = 200) -> RequestFeatures:
+    return RequestFeatures(request_id="q", prompt_tokens=prompt, max_tokens=max_tokens)
+
+
+def test_is_the_default() -> None:
+    assert DEFAULT_POLICY == "prefix_affinity"
+
+
+def test_prefers_the_replica_holding_the_prefix() -> None:
+    p = PrefixAffinity()
+    fleet = FleetView([view(0), view(1, prefix_match_tokens=15_000), view(2)])
+    assert p.choose(request(20_000), fleet).replica.replica_id == "r1"
+
+
+def test_spills_when_the_cached_replica_is_busy() -> None:
+    p = PrefixAffinity()
+    busy = view(1, prefix_match_tokens=2_000, inflight_prefill_new_tokens=40_000, inflight_prefill_attention=4e8)
+    fleet = FleetView([view(0), busy])
+    decision = p.choose(request(4_000), fleet)
+    assert decision.replica.replica_id == "r0"
+    assert decision.scores["estimated_ttft_ms"] < p.estimate_ttft_ms(request(4_000), busy)
+
+
+def test_queued_attention_work_counts_not_just_tokens() -> None:
+    p = PrefixAffinity()
+    # same queued token count; r0's queue is one huge prompt (quadratic attention), r1's many small ones
+    fleet = FleetView(
+        [
+            view(0, inflight_prefill_new_tokens=60_000, inflight_prefill_attention=60_000 * 30_000),
+            view(1, inflight_prefill_new_tokens=60_000, inflight_prefill_attention=60 * 1000 * 500),
+        ]
+    )
+    assert p.choose(request(1_000), fleet).replica.replica_id == "r1"
+
+
+def test_long_contexts_slow_prefill_through_decode_drag() -> None:
+    p = PrefixAffinity()
+    fleet = FleetView([view(0, inflight_kv_tokens=400_000), view(1, inflight_kv_tokens=10_000)])
+    assert p.choose(request(2_000), fleet).replica.replica_id == "r1"
+
+
+def test_avoids_replicas_that_would_run_out_of_kv() -> None:
+    p = PrefixAffinity()
+    full = view(0, inflight_kv_tokens=430_000, prefix_match_tokens=20_000)
+    fleet = FleetView([full, view(1, inflight_requests=3, inflight_prefill_new_tokens=3_000)])
+    assert p.choose(request(25_000, 4_000), fleet).replica.replica_id == "r1"
+
+
+def test_unreachable_slo_goes_where_it_delays_fewest() -> None:
+    p = PrefixAffinity()
+    fleet = FleetView([view(0, inflight_requests=9), view(1, inflight_requests=2, inflight_kv_tokens=200_000)])
+    decision = p.choose(request(120_000), fleet)  # ~10 s of prefill anywhere
+    assert decision.reason == "slo_unreachable"
+    assert decision.replica.replica_id == "r1"
+
+
+def test_ties_rotate_and_empty_fleet_raises() -> None:
+    p = PrefixAffinity()
+    fleet = FleetView([view(0), view(1), view(2)])
+    picks = {p.choose(request(100), fleet).replica.replica_id for _ in range(6)}
+    assert picks == {"r0", "r1", "r2"}
+    with pytest.raises(NoEligibleReplica):
+        p.choose(request(100), FleetView([]))
+
+
+def test_estimate_matches_the_step_model_for_an_idle_replica() -> None:
+    # an idle H100 prefilling 2048 tokens: the emulator's model gives 50.5 ms (sim-traces.md §1.10)
+    p = PrefixAffinity()
+    assert p.estimate_ttft_ms(request(2048), view(0)) == pytest.approx(50.5, rel=0.05)
+
+
+def test_parameters_are_validated() -> None:
+    with pytest.raises(ValueError):
+        PrefixAffinity(kv_headroom=0)
+    with pytest.raises(ValueError):
+        PrefixAffinity(token_budget=0)
+    with pytest.raises(ValueError):
+        PrefixAffinity(slo_ttft_ms=-1)
