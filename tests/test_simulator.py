@@ -79,9 +79,10 @@ async def test_live_path_and_simulator_agree_on_median_ttft() -> None:
 
     Live, every component shares this process's core, so each request's CPU cost (prompt synthesis,
     JSON, tokenisation: ~10 ms for a Mooncake-size prompt) is multiplied by the emulator's speed-up in
-    model time; speed 2 keeps that a few percent of TTFT.
+    model time. Real time (speed 1) keeps that a few percent of TTFT even when other processes hold both
+    cores: measured live/sim 1.02 with two CPU hogs running, where speed 2 drifted to 1.23.
     """
-    speed = 2.0
+    speed = 1.0
     trace = retime(read_trace(TRACE, limit=40), rate=1.5, seed=1)
     sim = simulate(trace, replicas=2)
     async with (
