@@ -323,7 +323,9 @@ async def test_one_router_scrapes_each_replica_and_shares_the_signals(redis: Red
 
 
 async def test_sessions_and_tenant_counters_are_fleet_wide(redis: RedisServer) -> None:
-    async with routers(redis.url, count=2) as (a, b):
+    # Counters live in epoch-aligned windows; a day-long window keeps the run from straddling a boundary,
+    # where the two routers' tokens would rightly land in different windows (a CI run once did, at 60 s).
+    async with routers(redis.url, count=2, tenant_window_s=86_400.0) as (a, b):
         a.store.on_session("conv-1", URLS[2])
         await until(lambda: b.store.session_replica("conv-1") == URLS[2])
         for _ in range(100):  # the key itself is written with the next sync
