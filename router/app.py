@@ -25,6 +25,7 @@ from router.health import HealthMonitor
 from router.metrics import RouterMetrics
 from router.prefix_index import PrefixIndex
 from router.proxy import PolicyHolder, Proxy, json_error_middleware_factory
+from router.residency import ResidencyModel
 from router.state import StateStore, make_state_store
 
 log = logging.getLogger(__name__)
@@ -50,9 +51,11 @@ class RouterService:
         self.metrics = RouterMetrics()
         self.policy = PolicyHolder(settings.policy, make_routing_policy(settings.policy, settings.policy_params))
         self.index = PrefixIndex(settings.prefix_index_max_bytes, settings.prefix_block_bytes)
+        # Every prefix record, this router's and the others', goes through the model of the engines' caches.
+        self.residency = ResidencyModel(self.index)
         self.fleet = Fleet(on_added=self._replica_added, on_removed=self._replica_removed)
-        self.metrics.attach(self.fleet, self.index, lambda: self.policy.name)
-        self.state: StateStore = make_state_store(settings, self.fleet, self.index, self.metrics)
+        self.metrics.attach(self.fleet, self.index, lambda: self.policy.name, self.residency)
+        self.state: StateStore = make_state_store(settings, self.fleet, self.index, self.metrics, self.residency)
         self.metrics.attach_state(self.state)
         self._tasks: list[asyncio.Task[None]] = []
         self._runners: list[web.AppRunner] = []
@@ -72,7 +75,15 @@ class RouterService:
         self.engine_config = EngineConfigurator(self._session, s.engine_schedulers)
         self.health = HealthMonitor(self.fleet, self._session, s.health, on_healthy=self.engine_config.apply)
         self.proxy = Proxy(
-            s, self.fleet, self.policy, self.index, self.health, self.metrics, self._session, store=self.state
+            s,
+            self.fleet,
+            self.policy,
+            self.index,
+            self.health,
+            self.metrics,
+            self._session,
+            store=self.state,
+            residency=self.residency,
         )
 
         # The store first: it never blocks startup (an unreachable Redis only reads "down"), and replicas
@@ -81,6 +92,7 @@ class RouterService:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._discovery.run(self._on_discovery), name="discovery"))
         self._tasks.append(loop.create_task(self.health.run(), name="health"))
+        self._tasks.append(loop.create_task(self._residency_loop(), name="residency"))
 
         runner = web.AppRunner(self._main_app(), handler_cancellation=True, access_log=None)
         await runner.setup()
@@ -131,8 +143,32 @@ class RouterService:
     def _replica_removed(self, replica: ReplicaState) -> None:
         log.info("replica removed", extra={"replica": replica.id})
         self.index.remove_replica(replica.id)
+        self.residency.remove_replica(replica.id)
         self.state.replica_removed(replica)
         self.scraper.stop(replica)
+
+    # ------------------------------------------------------------------ residency model
+    def size_residency(self) -> None:
+        """Size each replica's modelled cache, in index blocks, from its KV capacity in tokens.
+
+        The capacity is the engine's own (vLLM: ``num_gpu_blocks`` x ``block_size`` from
+        ``vllm:cache_config_info``; SGLang: ``max_total_num_tokens``), from this router's scrape or the one
+        another router shared. Index blocks are ``prefix_block_bytes`` of prompt text, so a block is worth
+        ``prefix_block_bytes`` x the proxy's tokens per byte: ``1 / bytes_per_token`` (4, typical of English
+        under Llama-3 tokenizers) until the engines' usage reports calibrate it. A replica that exports no
+        capacity keeps being recorded without bound.
+        """
+        tokens_per_block = self.settings.prefix_block_bytes * self.proxy.tokens_per_byte
+        for replica in self.fleet.all():
+            signals = replica.signals
+            if signals is not None and signals.kv_capacity_tokens:
+                self.residency.set_capacity(replica.id, signals.kv_capacity_tokens, tokens_per_block)
+
+    async def _residency_loop(self) -> None:
+        """Resize at the scrape rate: capacities arrive with scrapes, and tokens per byte drifts as it learns."""
+        while True:
+            self.size_residency()
+            await asyncio.sleep(self.settings.scrape_interval_s)
 
     # ------------------------------------------------------------------ the main app
     def _main_app(self) -> web.Application:

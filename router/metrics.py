@@ -18,6 +18,7 @@ from router.fleet import Fleet, Health
 from router.prefix_index import PrefixIndex
 
 if TYPE_CHECKING:
+    from router.residency import ResidencyModel
     from router.state.base import StateStore
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0)
@@ -30,10 +31,16 @@ class _FleetCollector(Collector):
     """Scrape-time gauges of every replica's state."""
 
     def __init__(
-        self, fleet: Fleet, index: PrefixIndex, policy_name: Callable[[], str], clock: Callable[[], float]
+        self,
+        fleet: Fleet,
+        index: PrefixIndex,
+        policy_name: Callable[[], str],
+        clock: Callable[[], float],
+        residency: ResidencyModel | None = None,
     ) -> None:
         self._fleet = fleet
         self._index = index
+        self._residency = residency
         self._policy_name = policy_name
         self._clock = clock
 
@@ -129,6 +136,12 @@ class _FleetCollector(Collector):
         yield CounterMetricFamily(
             "fleetroute_prefix_index_evictions", "Blocks evicted from the prefix index.", value=idx.evictions
         )
+        if self._residency is not None:
+            yield CounterMetricFamily(
+                "fleetroute_prefix_residency_evictions",
+                "Blocks cleared from the prefix index because the replica's modelled LRU cache pushed them out.",
+                value=self._residency.evicted_blocks,
+            )
 
 
 class _StateCollector(Collector):
@@ -243,8 +256,14 @@ class RouterMetrics:
             registry=r,
         )
 
-    def attach(self, fleet: Fleet, index: PrefixIndex, policy_name: Callable[[], str]) -> None:
-        self.registry.register(_FleetCollector(fleet, index, policy_name, time.monotonic))
+    def attach(
+        self,
+        fleet: Fleet,
+        index: PrefixIndex,
+        policy_name: Callable[[], str],
+        residency: ResidencyModel | None = None,
+    ) -> None:
+        self.registry.register(_FleetCollector(fleet, index, policy_name, time.monotonic, residency))
 
     def attach_state(self, store: StateStore) -> None:
         self.registry.register(_StateCollector(store))

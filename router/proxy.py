@@ -35,6 +35,7 @@ from router.logs import request_id_var
 from router.metrics import RouterMetrics
 from router.prefix_index import PrefixIndex, prompt_block_hashes
 from router.request_parse import ParsedRequest, parse_request
+from router.residency import ResidencyModel
 from router.state import InMemoryStateStore, StateStore
 
 log = logging.getLogger(__name__)
@@ -120,12 +121,16 @@ class Proxy:
         metrics: RouterMetrics,
         session: aiohttp.ClientSession,
         store: StateStore | None = None,
+        residency: ResidencyModel | None = None,
     ) -> None:
         self._s = settings
         self._store = store or InMemoryStateStore()
         self._fleet = fleet
         self._policy = policy
         self._index = index
+        # Dispatched prompts are recorded through the residency model, so what a replica is believed to hold
+        # stays bounded by its cache.
+        self._residency = residency if residency is not None else ResidencyModel(index)
         self._health = health
         self._metrics = metrics
         self._session = session
@@ -135,6 +140,11 @@ class Proxy:
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
         self._ids = itertools.count(1)
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    @property
+    def tokens_per_byte(self) -> float:
+        """Prompt tokens per prompt byte: ``1 / bytes_per_token`` at first, then learned from usage reports."""
+        return self._tpb.value
 
     def _child(self, metric: Any, *values: str) -> Any:
         """A labelled metric child, looked up once per label set instead of once per request."""
@@ -266,8 +276,8 @@ class Proxy:
                             (upstream.status, body, upstream.headers.get("Content-Type", "application/json")),
                         )
                     if upstream.status == 200:
-                        if hashes:
-                            self._index.record(replica.id, hashes)
+                        if hashes and not replica.removed:  # a removed replica must not come back in the index
+                            self._residency.record(replica.id, hashes)
                         if parsed.session_id is not None:
                             self._store.on_session(parsed.session_id, replica.id)
                     response = await self._relay(request, upstream, replica, lease, parsed, arrival)

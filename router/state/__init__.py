@@ -12,14 +12,20 @@ if TYPE_CHECKING:
     from router.fleet import Fleet
     from router.metrics import RouterMetrics
     from router.prefix_index import PrefixIndex
+    from router.residency import ResidencyModel
 
 __all__ = ["InMemoryStateStore", "SessionMap", "StateStore", "TenantCounters", "make_state_store"]
 
 
 def make_state_store(
-    settings: RouterSettings, fleet: Fleet, index: PrefixIndex, metrics: RouterMetrics | None = None
+    settings: RouterSettings,
+    fleet: Fleet,
+    index: PrefixIndex,
+    metrics: RouterMetrics | None = None,
+    residency: ResidencyModel | None = None,
 ) -> StateStore:
-    """Redis when ``redis_url`` is set, else the in-memory store."""
+    """Redis when ``redis_url`` is set, else the in-memory store (one router: no records arrive from others,
+    so only Redis takes ``residency``, the model the other routers' prefix records go through)."""
     if settings.redis_url is None:
         return InMemoryStateStore(settings.state_session_ttl_s, settings.state_tenant_window_s)
     from router.state.redis_store import RedisStateStore  # imports redis-py only when used
@@ -37,4 +43,5 @@ def make_state_store(
         session_ttl_s=settings.state_session_ttl_s,
         tenant_window_s=settings.state_tenant_window_s,
         metrics=metrics,
+        residency=residency,
     )

@@ -7,7 +7,8 @@ Three background tasks per router while Redis answers, none of them on the reque
   session bindings — goes out in one PUBLISH for the other routers, at most one batch per ``publish_gap_s``
   (the first change after a quiet spell at once), so under load batches grow instead of the message rate.
 * **subscribe**: applies the other routers' batches: their load entries to :attr:`ReplicaState.remote`
-  (the sum over routers), their prefix records to the local prefix index, their session bindings.
+  (the sum over routers), their prefix records to the local prefix index through the residency model (the
+  engine's cache turns over with every router's traffic, not only this one's), their session bindings.
 * **sync** (every ``sync_interval_s``, one pipelined transaction): writes this router's whole accounting
   (``router:{id}``, with a TTL, so a dead router's share expires on its own) and heartbeat; reads every other
   router's (authoritative: it corrects a lost message, carries first tokens and decode progress, which are not
@@ -41,6 +42,7 @@ from redis.exceptions import RedisError
 
 from router.fleet import Fleet, RemoteLoad, ReplicaState
 from router.prefix_index import PrefixIndex
+from router.residency import ResidencyModel
 from router.state.base import StateStore
 from router.state.codec import (
     Batch,
@@ -171,6 +173,7 @@ class RedisStateStore(StateStore):
         metrics: RouterMetrics | None = None,
         router_id: str | None = None,
         client_factory: Callable[[], RedisClient] | None = None,
+        residency: ResidencyModel | None = None,
     ) -> None:
         super().__init__(session_ttl_s, tenant_window_s)
         self.router_id = router_id or uuid.uuid4().hex
@@ -182,6 +185,9 @@ class RedisStateStore(StateStore):
         self._client: RedisClient | None = None
         self._fleet = fleet
         self._index = index
+        #: Where the others' prefix records go: the router's model of each replica's cache (one without
+        #: capacities records exactly like the bare index).
+        self._residency = residency if residency is not None else ResidencyModel(index)
         self._metrics = metrics
         self.sync_interval_s = sync_interval_s
         self.ttl_s = ttl_s
@@ -679,12 +685,12 @@ class RedisStateStore(StateStore):
     def _apply_batch(self, batch: Batch) -> None:
         if batch.loads:
             self._apply_loads(batch.sender, batch.seq, batch.loads, whole=False)
-        url_of, index = self._url_of, self._index
+        url_of, record = self._url_of, self._residency.record
         applied = 0
         for key, hashes in batch.records:
             url = url_of.get(key)
             if url is not None:
-                index.record(url, hashes)
+                record(url, hashes)
                 applied += 1
         for session_id, key in batch.sessions:
             url = url_of.get(key)
@@ -713,7 +719,7 @@ class RedisStateStore(StateStore):
                 url = self._url_of.get(key)
                 if url is not None:
                     blocks.reverse()  # newest first: record() makes the head the most recent
-                    self._index.record(url, blocks)
+                    self._residency.record(url, blocks)
                     loaded += len(blocks)
             await asyncio.sleep(0)  # let requests through between pages
         log.info("prefix index resynchronised", extra={"entries": loaded})
