@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from policies.routing.base import FleetView, ReplicaView
+from policies.routing.base import FleetView, ReplicaView, tpot_sensitivity
 from router.discovery.base import ReplicaSpec
 from router.engine_metrics import EngineSignals
 
@@ -38,6 +38,7 @@ class RemoteLoad:
     kv_tokens: int = 0
     prefill_new_tokens: int = 0
     prefill_attention: float = 0.0
+    tpot_sensitivity: float = 0.0
 
     def __add__(self, other: RemoteLoad) -> RemoteLoad:
         return RemoteLoad(
@@ -47,6 +48,7 @@ class RemoteLoad:
             self.kv_tokens + other.kv_tokens,
             self.prefill_new_tokens + other.prefill_new_tokens,
             self.prefill_attention + other.prefill_attention,
+            self.tpot_sensitivity + other.tpot_sensitivity,
         )
 
 
@@ -72,6 +74,7 @@ class ReplicaState:
     inflight_kv_tokens: int = 0
     inflight_prefill_new_tokens: int = 0
     inflight_prefill_attention: float = 0.0
+    inflight_tpot_sensitivity: float = 0.0
     signals: EngineSignals | None = None
     signals_time: float | None = None
     #: Other routers' accounting here (shared state store); None when there is none or it expired.
@@ -101,6 +104,7 @@ class ReplicaState:
             self.inflight_kv_tokens,
             self.inflight_prefill_new_tokens,
             self.inflight_prefill_attention,
+            self.inflight_tpot_sensitivity,
         )
 
     def view(self, now: float, prefix_match_tokens: int = 0) -> ReplicaView:
@@ -115,6 +119,7 @@ class ReplicaState:
             inflight_kv_tokens=self.inflight_kv_tokens + o.kv_tokens,
             inflight_prefill_new_tokens=self.inflight_prefill_new_tokens + o.prefill_new_tokens,
             inflight_prefill_attention=self.inflight_prefill_attention + o.prefill_attention,
+            tpot_sensitivity=self.inflight_tpot_sensitivity + o.tpot_sensitivity,
             num_running=None if s is None or s.num_running is None else int(s.num_running),
             num_waiting=None if s is None or s.num_waiting is None else int(s.num_waiting),
             kv_usage=None if s is None else s.kv_usage,
@@ -130,7 +135,17 @@ _NO_LOAD = RemoteLoad()
 class Lease:
     """A request's share of its replica's load; see the module docstring."""
 
-    __slots__ = ("_attention", "_decode", "_kv", "_new", "_prefill", "_released", "generated", "replica")
+    __slots__ = (
+        "_attention",
+        "_decode",
+        "_kv",
+        "_new",
+        "_prefill",
+        "_released",
+        "_sensitivity",
+        "generated",
+        "replica",
+    )
 
     def __init__(
         self,
@@ -146,6 +161,7 @@ class Lease:
         self._kv = prefill_tokens
         self._new = prefill_tokens if new_prefill_tokens is None else new_prefill_tokens
         self._attention = prefill_attention
+        self._sensitivity = tpot_sensitivity(decode_tokens)
         self._released = False
         #: Tokens generated so far (counted SSE events): what the request was served, for tenant counters.
         self.generated = 0
@@ -155,6 +171,7 @@ class Lease:
         replica.inflight_kv_tokens += prefill_tokens
         replica.inflight_prefill_new_tokens += self._new
         replica.inflight_prefill_attention += prefill_attention
+        replica.inflight_tpot_sensitivity += self._sensitivity
 
     @property
     def released(self) -> bool:
@@ -192,10 +209,12 @@ class Lease:
         r.inflight_kv_tokens -= self._kv
         r.inflight_prefill_new_tokens -= self._new
         r.inflight_prefill_attention -= self._attention
+        r.inflight_tpot_sensitivity -= self._sensitivity
         if r.inflight_requests == 0:
-            r.inflight_prefill_attention = 0.0  # float sums drift; an idle replica owes nothing
+            # float sums drift; an idle replica owes nothing
+            r.inflight_prefill_attention = r.inflight_tpot_sensitivity = 0.0
         self._prefill = self._decode = self._kv = self._new = 0
-        self._attention = 0.0
+        self._attention = self._sensitivity = 0.0
 
 
 class Fleet:

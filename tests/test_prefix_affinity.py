@@ -90,3 +90,17 @@ def test_parameters_are_validated() -> None:
         PrefixAffinity(token_budget=0)
     with pytest.raises(ValueError):
         PrefixAffinity(slo_ttft_ms=-1)
+
+
+def test_big_prefill_avoids_replicas_decoding_short_replies() -> None:
+    p = PrefixAffinity()
+    # r0: twenty requests streaming 5-token replies (each would miss its TPOT behind one 8k chunk);
+    # r1: twenty streaming 500-token replies, and ~0.8 s more queued prefill than r0.
+    short = view(0, inflight_requests=20, tpot_sensitivity=20 / 4)
+    long = view(1, inflight_requests=20, tpot_sensitivity=20 / 499, inflight_prefill_new_tokens=40_000)
+    assert p.choose(request(30_000), FleetView([short, long])).replica.replica_id == "r1"
+    # a small prompt slows the short replies' steps by ~10 ms: worth less than its own 0.8 s wait
+    assert p.choose(request(500), FleetView([short, long])).replica.replica_id == "r0"
+    # without the harm term the big prompt goes to the shorter queue
+    blind = PrefixAffinity(tpot_harm_weight=0)
+    assert blind.choose(request(30_000), FleetView([short, long])).replica.replica_id == "r0"

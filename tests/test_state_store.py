@@ -48,7 +48,7 @@ URLS = ["http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"]
 
 # ---------------------------------------------------------------------------------------------- encodings
 def test_snapshot_round_trip() -> None:
-    loads = [(replica_key(URLS[0]), RemoteLoad(2, 300, 40, 350, 120, 1.5e4)), (7, RemoteLoad(1, 0, 5, 9, 0, 0.0))]
+    loads = [(replica_key(URLS[0]), RemoteLoad(2, 300, 40, 350, 120, 1.5e4, 0.25)), (7, RemoteLoad(1, 0, 5, 9, 0, 0.0))]
     seq, decoded = decode_snapshot(encode_snapshot(42, loads))
     assert seq == 42 and decoded == loads
     assert decode_snapshot(encode_snapshot(1, [])) == (1, [])
@@ -263,12 +263,12 @@ async def test_load_is_shared_at_once_and_expires_with_its_router(redis: RedisSe
         ra = a.replica(URLS[0])
         lease = Lease(ra, 1000, 200, 600, 5.0)
         a.store.on_load(ra)
-        took = await until(lambda: b.replica(URLS[0]).remote == RemoteLoad(1, 1000, 200, 1000, 600, 5.0))
+        took = await until(lambda: b.replica(URLS[0]).remote == RemoteLoad(1, 1000, 200, 1000, 600, 5.0, 1 / 199))
         assert took < 0.1  # published on change, not at the next sync
         lease.first_token()
         lease.tokens_generated(10)
         a.store.on_load(ra)
-        await until(lambda: b.replica(URLS[0]).remote == RemoteLoad(1, 0, 190, 1010, 0, 0.0))
+        await until(lambda: b.replica(URLS[0]).remote == RemoteLoad(1, 0, 190, 1010, 0, 0.0, 1 / 199))
         assert b.replica(URLS[1]).remote is None
         await until(lambda: a.store.remote_routers == 1 and b.store.remote_routers == 1)
         lease.release()

@@ -25,7 +25,7 @@ from loadgen.records import RequestRecord
 from loadgen.report import DEFAULT_SLOS, summarize
 from loadgen.traces import TraceRequest
 from policies.routing import make_routing_policy
-from policies.routing.base import RequestFeatures, prefill_work
+from policies.routing.base import RequestFeatures, prefill_work, tpot_sensitivity
 from policies.scheduling import make_scheduling_policy
 
 _ARRIVAL, _ADMIT, _ENGINE = 0, 1, 2
@@ -201,6 +201,7 @@ class FleetSimulator:
         book.prefill_new_tokens += new_tokens
         book.prefill_attention += attention
         book.inflight_requests += 1
+        book.tpot_sensitivity += tpot_sensitivity(sim.output_tokens)
         book.kv_tokens += sim.prompt_tokens
         book.prefill_tokens += sim.prompt_tokens
         book.decode_tokens += sim.output_tokens
@@ -301,8 +302,10 @@ class FleetSimulator:
         sim, _ = self._requests.pop(request.request_id)
         book = self.books[index]
         book.inflight_requests -= 1
+        book.tpot_sensitivity -= tpot_sensitivity(request.sampling.max_tokens)
         if book.inflight_requests == 0:
             book.prefill_attention = 0.0  # float sums drift; an idle replica owes nothing
+            book.tpot_sensitivity = 0.0
         book.kv_tokens -= request.num_prompt_tokens + request.num_output_tokens
         record = self._records[sim.index]
         assert record is not None

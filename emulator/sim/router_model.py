@@ -40,6 +40,7 @@ class ReplicaBook:
     kv_tokens: int = 0
     prefill_new_tokens: int = 0
     prefill_attention: float = 0.0
+    tpot_sensitivity: float = 0.0
     scraped: Scraped | None = None
     next_scrape: float = 0.0
     span: DecodeSpan | None = None
@@ -96,6 +97,7 @@ class RouterModel:
             inflight_kv_tokens=kv,
             inflight_prefill_new_tokens=b.prefill_new_tokens,
             inflight_prefill_attention=b.prefill_attention,
+            tpot_sensitivity=b.tpot_sensitivity,
             num_running=None if s is None else s.num_running,
             num_waiting=None if s is None else s.num_waiting,
             kv_usage=None if s is None else s.kv_usage,

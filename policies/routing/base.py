@@ -31,6 +31,10 @@ class ReplicaView:
     #: causal-attention work (:func:`prefill_work`): what the replica still has to compute before it answers.
     inflight_prefill_new_tokens: int = 0
     inflight_prefill_attention: float = 0.0
+    #: Σ 1/(max_tokens − 1) over the requests in flight that stream more than one token: how much their
+    #: TPOTs rise, summed, per millisecond added to the steps they share (a 5-token reply feels it 125×
+    #: more than a 500-token one).
+    tpot_sensitivity: float = 0.0
     num_running: int | None = None
     num_waiting: int | None = None
     kv_usage: float | None = None
@@ -104,6 +108,11 @@ def prefill_work(prompt_tokens: int, cached_tokens: int) -> tuple[int, float]:
     m = max(0, min(cached_tokens, prompt_tokens - 1))
     n = prompt_tokens - m
     return n, n * (m + n / 2)
+
+
+def tpot_sensitivity(max_tokens: int) -> float:
+    """One request's share of :attr:`ReplicaView.tpot_sensitivity`: 0 when it streams at most one token."""
+    return 1.0 / (max_tokens - 1) if max_tokens > 1 else 0.0
 
 
 def require_replicas(fleet: FleetView) -> Sequence[ReplicaView]:

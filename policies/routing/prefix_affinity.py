@@ -13,11 +13,16 @@ knows, in the engine's own cost terms (the emulator's step-time model, sim-trace
 * **KV pressure**: a replica whose in-flight KV would pass ``kv_headroom`` of its capacity is likely to
   preempt (recompute) someone; it is avoided unless every replica is in that state.
 
-The request goes to the replica with the lowest ``estimate + fleet_work_weight · own prefill``: the
-second term values the compute a cache hit saves the whole fleet (at high load, capacity *is* compute),
-beyond this one request's latency. Cache affinity and load balance are thereby one trade-off in one
-unit (milliseconds): a hot prefix stays on its replica while the saved prefill outweighs the queue
-there, and spills to a second replica (which then caches it too) as soon as it does not.
+The request goes to the replica with the lowest
+``estimate + (fleet_work_weight + tpot_harm_weight · tpot_sensitivity) · own prefill``. The first part of
+the second term values the compute a cache hit saves the whole fleet (at high load, capacity *is*
+compute), beyond this one request's latency. The second prices the harm the prefill does to the requests
+decoding there: every step that carries a chunk of it is slower for all of them, and a request streaming
+five tokens misses a 100 ms TPOT after a single 8k-token chunk where a 500-token one barely notices
+(``tpot_sensitivity`` sums ``1/(max_tokens − 1)`` over the replica's requests in flight). Cache affinity
+and load balance are thereby one trade-off in one unit (milliseconds): a hot prefix stays on its replica
+while the saved prefill outweighs the queue there, and spills to a second replica (which then caches it
+too) as soon as it does not.
 
 A request that cannot meet the TTFT SLO anywhere (a 100k-token prompt with nothing cached takes longer
 than 2 s to prefill on an idle H100) is sent where it disturbs fewest others — the replica with the
@@ -51,6 +56,7 @@ class PrefixAffinity(RoutingPolicy):
         fleet_work_weight: float = 2.0,
         slo_ttft_ms: float = 2000.0,
         unreachable: str = "isolate",
+        tpot_harm_weight: float = 10.0,
     ) -> None:
         for name, value in (
             ("prefill_ms_per_token", prefill_ms_per_token),
@@ -59,6 +65,7 @@ class PrefixAffinity(RoutingPolicy):
             ("step_ms", step_ms),
             ("kv_pressure_ms", kv_pressure_ms),
             ("fleet_work_weight", fleet_work_weight),
+            ("tpot_harm_weight", tpot_harm_weight),
         ):
             if value < 0:
                 raise ValueError(f"{name} must be non-negative")
@@ -80,6 +87,7 @@ class PrefixAffinity(RoutingPolicy):
         if unreachable not in ("isolate", "soonest"):
             raise ValueError("unreachable must be 'isolate' or 'soonest'")
         self.unreachable = unreachable
+        self.tpot_harm_weight = tpot_harm_weight
         self._tiebreak = 0
 
     def own_prefill_ms(self, request: RequestFeatures, r: ReplicaView) -> tuple[float, int]:
@@ -116,7 +124,8 @@ class PrefixAffinity(RoutingPolicy):
             ttft = self.estimate_ttft_ms(request, r) + (self.kv_pressure_ms if self._over_kv(request, r) else 0.0)
             ttfts[j] = ttft
             soonest = min(soonest, ttft)
-            cost = ttft + self.fleet_work_weight * self.own_prefill_ms(request, r)[0]
+            own = self.own_prefill_ms(request, r)[0]
+            cost = ttft + (self.fleet_work_weight + self.tpot_harm_weight * r.tpot_sensitivity) * own
             if cost < best_cost:
                 best_i, best_cost, best_ttft = j, cost, ttft
         if soonest > self.slo_ttft_ms and self.unreachable == "isolate":
@@ -138,4 +147,5 @@ class PrefixAffinity(RoutingPolicy):
             "fleet_work_weight": self.fleet_work_weight,
             "slo_ttft_ms": self.slo_ttft_ms,
             "unreachable": self.unreachable,
+            "tpot_harm_weight": self.tpot_harm_weight,
         }

@@ -45,23 +45,32 @@ def replica_key(url: str) -> int:
 
 # -- per-router load -----------------------------------------------------------------------------------------
 # One entry per replica: replica key, requests, prefill, decode, kv and new-prefill tokens (int64 each), prefill
-# attention (float64). An entry of zero requests says "nothing in flight here any more".
-_LOAD = struct.Struct("<Q5qd")
+# attention and TPOT sensitivity (float64). An entry of zero requests says "nothing in flight here any more".
+_LOAD = struct.Struct("<Q5q2d")
 _SEQ = struct.Struct("<Q")
 
 
 def encode_load(loads: Iterable[tuple[int, RemoteLoad]]) -> bytes:
     pack = _LOAD.pack
     return b"".join(
-        pack(key, v.requests, v.prefill_tokens, v.decode_tokens, v.kv_tokens, v.prefill_new_tokens, v.prefill_attention)
+        pack(
+            key,
+            v.requests,
+            v.prefill_tokens,
+            v.decode_tokens,
+            v.kv_tokens,
+            v.prefill_new_tokens,
+            v.prefill_attention,
+            v.tpot_sensitivity,
+        )
         for key, v in loads
     )
 
 
 def decode_load(data: bytes | memoryview) -> Iterator[tuple[int, RemoteLoad]]:
     usable = len(data) - len(data) % _LOAD.size
-    for key, requests, prefill, decode, kv, new, attention in _LOAD.iter_unpack(memoryview(data)[:usable]):
-        yield key, RemoteLoad(requests, prefill, decode, kv, new, attention)
+    for key, requests, prefill, decode, kv, new, attention, sensitivity in _LOAD.iter_unpack(memoryview(data)[:usable]):
+        yield key, RemoteLoad(requests, prefill, decode, kv, new, attention, sensitivity)
 
 
 def encode_snapshot(seq: int, loads: Iterable[tuple[int, RemoteLoad]]) -> bytes:
