@@ -34,6 +34,7 @@ bench: $(VENV)/.installed-test-lint-bench
 	$(BIN)/python bench/decision_time.py
 	$(BIN)/python bench/prefix_index.py
 	$(BIN)/python bench/overhead.py --output bench/results/overhead
+	$(BIN)/python bench/reproductions.py --output bench/results/reproductions
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

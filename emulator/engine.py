@@ -127,6 +127,7 @@ class EngineCore:
             profile.max_num_batched_tokens,
             profile.max_num_seqs,
             on_preempt=self._on_preempt,
+            chunked_prefill=profile.enable_chunked_prefill,
         )
         self.step_time = StepTimeModel(profile.step_time, profile.jitter, seed)
         self._token_source = token_source
@@ -245,7 +246,9 @@ class EngineCore:
 
         None when any step could differ from the previous one: something waits, a request is still
         prefilling, the policy reorders decodes, the batch exceeds the token budget, or fewer than two
-        steps fit before a request stops or KV runs out.
+        steps fit before a request stops or KV runs out. Also None when a running request got no token
+        at ``now`` (decodes stalled by a prefill-only step): its next gap is longer than a step, and a
+        span reports every gap as a step's duration.
         """
         sched = self.scheduler
         running = sched.running
@@ -258,7 +261,7 @@ class EngineCore:
         steps = max_steps
         context = 0
         for r in running:
-            if r.num_tokens - r.num_computed_tokens != 1:
+            if r.num_tokens - r.num_computed_tokens != 1 or r.last_token_time != now:
                 return None
             steps = min(steps, r.tokens_until_stop())
             context += r.num_computed_tokens + 1

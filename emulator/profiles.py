@@ -42,6 +42,10 @@ class EngineProfile(BaseModel):
     num_gpu_blocks: int = Field(gt=0)
     max_num_batched_tokens: int = Field(gt=0)
     max_num_seqs: int = Field(gt=0)
+    enable_chunked_prefill: bool = Field(
+        default=True,
+        description="False: vLLM V0's prefill-prioritising scheduler (whole prompts, prefill-only steps stall decodes)",
+    )
     step_time: StepTimeCoefficients
     frontend_overhead_ms: float = Field(default=10.0, ge=0, description="per-request API overhead")
     jitter: float = Field(default=0.0, ge=0, le=0.5, description="relative std-dev of step-time noise")

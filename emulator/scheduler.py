@@ -10,6 +10,10 @@ One call to :meth:`Scheduler.schedule` plans one engine iteration, the way vLLM 
    sequence slots and KV blocks last. A new request first looks up its cached prefix; only the rest is
    scheduled, chunked to the remaining budget. Admission stops at the first request that does not fit.
 
+With ``chunked_prefill=False`` the engine is vLLM V0's prefill-prioritising scheduler instead, the
+baseline Sarathi-Serve measures against: a step admits whole prompts only and, if it admitted any, runs
+no decodes (they stall until the waiting queue cannot be admitted); otherwise it is a decode step.
+
 The policy (``policies.scheduling``) decides order only; the mechanics above are the engine's.
 """
 
@@ -85,8 +89,10 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_num_seqs: int,
         on_preempt: Callable[[EngineRequest], None] | None = None,
+        chunked_prefill: bool = True,
     ) -> None:
         self.kv = kv
+        self.chunked_prefill = chunked_prefill
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.running: list[EngineRequest] = []
@@ -163,12 +169,53 @@ class Scheduler:
         policy.on_scheduled(request, num_new, request.is_prefilling)
         return budget - num_new, True
 
+    def _admit_waiting(self, now: float, budget: int, step: ScheduledStep, whole_prompts: bool = False) -> int:
+        """Admit waiting requests in the policy's order; returns the budget left.
+
+        ``whole_prompts``: a prompt is never chunked; one that exceeds what is left of the budget stops
+        admission, except as the step's first request (so an over-long prompt cannot block the engine).
+        """
+        policy = self._policy
+        kv = self.kv
+        waiting = self.waiting
+        while waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = waiting.peek()
+            if not policy.admit(request, self._context(now, budget)):
+                break
+            cached: list[int] = []
+            if request.num_computed_tokens == 0:
+                cached = kv.find_cached_prefix(request)
+            num_cached_tokens = len(cached) * kv.block_size
+            num_new = request.num_tokens - num_cached_tokens
+            if whole_prompts and num_new > budget and step.requests:
+                break
+            if not whole_prompts:
+                num_new = min(num_new, budget)
+            if not kv.allocate_slots(request, num_new, cached):
+                break
+            waiting.pop()
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_cached_tokens
+                kv.record_prefix_query(request.num_tokens, num_cached_tokens)
+                request.first_scheduled_time = now
+            request.num_computed_tokens = num_cached_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            step.add(request, num_new)
+            policy.on_scheduled(request, num_new, True)
+            budget -= num_new
+        return budget
+
     def schedule(self, now: float) -> ScheduledStep:
         policy = self._policy
         policy.on_step(now)
         budget = policy.token_budget(self.max_num_batched_tokens)
         step = ScheduledStep()
-        kv = self.kv
+        if not self.chunked_prefill:
+            # Prefill-prioritising (vLLM V0): a step that admits whole prompts runs nothing else.
+            self._admit_waiting(now, budget, step, whole_prompts=True)
+            if step.requests:
+                return step
 
         # 1. Running requests first (those the policy does not defer).
         ordered = list(policy.order_running(self.running, self._context(now, budget)))
@@ -180,30 +227,8 @@ class Scheduler:
                 budget, keep_going = self._schedule_running(request, budget, step, now)
 
         # 2. Admit waiting requests, unless this step had to preempt (KV is tight).
-        if not step.preempted:
-            waiting = self.waiting
-            while waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-                request = waiting.peek()
-                if not policy.admit(request, self._context(now, budget)):
-                    break
-                cached: list[int] = []
-                if request.num_computed_tokens == 0:
-                    cached = kv.find_cached_prefix(request)
-                num_cached_tokens = len(cached) * kv.block_size
-                num_new = min(request.num_tokens - num_cached_tokens, budget)
-                if not kv.allocate_slots(request, num_new, cached):
-                    break
-                waiting.pop()
-                if request.num_cached_tokens < 0:
-                    request.num_cached_tokens = num_cached_tokens
-                    kv.record_prefix_query(request.num_tokens, num_cached_tokens)
-                    request.first_scheduled_time = now
-                request.num_computed_tokens = num_cached_tokens
-                request.status = RequestStatus.RUNNING
-                self.running.append(request)
-                step.add(request, num_new)
-                policy.on_scheduled(request, num_new, True)
-                budget -= num_new
+        if not step.preempted and self.chunked_prefill:
+            budget = self._admit_waiting(now, budget, step)
 
         # 3. Deferred running requests take what budget is left.
         if len(ordered) < len(self.running) and keep_going and budget > 0:
