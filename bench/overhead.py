@@ -22,6 +22,10 @@ Two measurements:
    router's CPU time over the same window (its kernel CPU-time clock: ``utime + stime`` of all threads
    and child processes, in ns) give requests per router CPU-second: proxied requests/s per router core.
 
+With ``--baseline DIR`` (a checkout of fleetroute, e.g. ``git worktree add /tmp/base HEAD``), that checkout's
+router runs too, as target ``fleetroute-baseline``, interleaved with the others like any target: a change
+to the router is measured against the code it replaces in the same run, on the same fleet and machine.
+
 Usage: ``python bench/overhead.py --output DIR``; writes ``overhead.json``, ``overhead.md`` and
 ``overhead.png`` to DIR and prints the Markdown table. Every process it starts is in its own session and
 is killed on the way out, on errors and on Ctrl-C / SIGTERM too.
@@ -66,6 +70,7 @@ CHAT_PATH = "/v1/chat/completions"
 HEADERS = {"Content-Type": "application/json"}  # both Rust routers reject bodies without it
 DIRECT = "direct"
 FLEETROUTE = "fleetroute"
+BASELINE = "fleetroute-baseline"  # fleetroute from another checkout (--baseline)
 SGLANG = "sglang-router"
 VLLM = "vllm-router"
 ALL_TARGETS = (DIRECT, FLEETROUTE, SGLANG, VLLM)
@@ -105,6 +110,7 @@ class Config:
     load_core: int
     router_core: int
     nice: int
+    baseline: Path | None = None
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
@@ -126,6 +132,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     p.add_argument("--load-core", type=int, default=0, help="core of the load generator and replicas (default 0)")
     p.add_argument("--router-core", type=int, default=1, help="core of the routers (default 1)")
     p.add_argument(
+        "--baseline",
+        type=Path,
+        help="a fleetroute checkout (e.g. a git worktree of the commit before a change) whose router also runs, "
+        f"as target {BASELINE!r}",
+    )
+    p.add_argument(
         "--nice",
         type=int,
         default=0,
@@ -140,6 +152,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     rates = tuple(float(r) for r in a.rates.split(",") if r.strip())
     if not rates or min(rates) <= 0:
         p.error("--rates must be positive numbers")
+    if a.baseline is not None and not (a.baseline / "router" / "cli.py").is_file():
+        p.error(f"--baseline {a.baseline} is not a fleetroute checkout (no router/cli.py)")
     if a.prompt_tokens <= chat_overhead_tokens(1):
         p.error(f"--prompt-tokens must exceed the chat template's {chat_overhead_tokens(1)} tokens")
     return Config(
@@ -155,11 +169,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         concurrency=a.concurrency,
         max_duration_s=a.max_duration,
         ramp_s=a.ramp,
-        targets=tuple(t for t in ALL_TARGETS if t in targets),
+        targets=tuple(t for t in ALL_TARGETS if t in targets) + ((BASELINE,) if a.baseline is not None else ()),
         pin=not a.no_pin,
         load_core=a.load_core,
         router_core=a.router_core,
         nice=a.nice,
+        baseline=a.baseline.resolve() if a.baseline is not None else None,
     )
 
 
@@ -242,13 +257,13 @@ class Processes:
         self.log_dir = log_dir
         self._procs: list[tuple[str, subprocess.Popen[bytes], IO[bytes]]] = []
 
-    def start(self, name: str, argv: list[str], core: int | None) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], core: int | None, cwd: Path = REPO) -> subprocess.Popen[bytes]:
         command = (["taskset", "-c", str(core)] if core is not None else []) + argv
         log = (self.log_dir / f"{name}.log").open("wb")
         try:
             proc = subprocess.Popen(
                 command,
-                cwd=REPO,
+                cwd=cwd,  # ``python -m router.cli`` imports the router of this directory
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -315,7 +330,7 @@ def _vllm_router_binary() -> str | None:
 
 def router_command(name: str, port: int, replicas: list[str]) -> list[str] | None:
     """The command line of a router on ``port`` with round_robin, or None when it is not installed."""
-    if name == FLEETROUTE:
+    if name in (FLEETROUTE, BASELINE):
         reps = [a for url in replicas for a in ("--replica", url)]
         return [
             sys.executable, "-m", "router.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *reps,
@@ -343,10 +358,24 @@ def router_command(name: str, port: int, replicas: list[str]) -> list[str] | Non
     raise ValueError(name)
 
 
-def router_version(name: str) -> str:
+def router_version(name: str, baseline: Path | None = None) -> str:
     if name == FLEETROUTE:
-        return _package_version("fleetroute")
+        return _package_version("fleetroute") + _git_commit(REPO)
+    if name == BASELINE and baseline is not None:
+        return _package_version("fleetroute") + _git_commit(baseline)
     return _package_version(name)
+
+
+def _git_commit(path: Path) -> str:
+    """`` (commit abc1234, modified)`` for a git checkout, so a report says which code each target ran."""
+    try:
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--", "router"], capture_output=True)
+    except OSError:
+        return ""
+    if head.returncode != 0:
+        return ""
+    return f" (commit {head.stdout.strip()}{', router/ modified' if dirty.stdout.strip() else ''})"
 
 
 # ------------------------------------------------------------------------------------------------ client
@@ -573,6 +602,7 @@ class RateCell:
     sent: int = 0
     router_cpu_s: float = 0.0
     round_p50_e2e_ms: list[float] = field(default_factory=list)
+    round_cpu_us_per_req: list[float] = field(default_factory=list)  # per segment: how noisy the pooled figure is
     router_core_other: list[float] = field(default_factory=list)
     load_core_other: list[float] = field(default_factory=list)
 
@@ -600,6 +630,7 @@ def rate_rows(cells: dict[tuple[float, str], RateCell], cfg: Config, targets: li
                 "client_lag_ms": {"p50": pct_ms(cell.outcome.lags, 50), "p99": pct_ms(cell.outcome.lags, 99)},
                 "stalled": int((e2e >= STALL_S).sum()),
                 "round_p50_e2e_ms": cell.round_p50_e2e_ms,
+                "round_cpu_us_per_req": cell.round_cpu_us_per_req,
                 "router_core_other_max": max(cell.router_core_other, default=0.0),
                 "load_core_other_max": max(cell.load_core_other, default=0.0),
             }
@@ -751,8 +782,32 @@ def verdict(report: dict[str, Any]) -> dict[str, Any]:
                 f"router CPU per request at {max(report['config']['rates']):g} req/s: fleetroute "
                 f"{cpu[FLEETROUTE]:.0f} µs vs {best} {cpu[best]:.0f} µs"
             )
+    lines += _against_baseline(report)
     out["lines"] = lines
     return out
+
+
+def _against_baseline(report: dict[str, Any]) -> list[str]:
+    """fleetroute against ``--baseline`` (the same router before a change), from the same run."""
+    per_core = {r["target"]: r.get("req_per_cpu_s", float("nan")) for r in report["max_rate"]}
+    if BASELINE not in per_core or FLEETROUTE not in per_core:
+        return []
+    lines = [
+        f"against the baseline (closed loop): {per_core[FLEETROUTE]:.0f} vs {per_core[BASELINE]:.0f} requests per "
+        f"router CPU-second ({per_core[FLEETROUTE] / per_core[BASELINE]:.2f}×)"
+    ]
+    rows = {(r["rate"], r["target"]): r for r in report["open_loop"]}
+    for rate in report["config"]["rates"]:
+        ours, base = rows.get((rate, FLEETROUTE)), rows.get((rate, BASELINE))
+        if ours is None or base is None:
+            continue
+        lines.append(
+            f"against the baseline at {rate:g} req/s: CPU {ours['router_cpu_us_per_req']:.0f} vs "
+            f"{base['router_cpu_us_per_req']:.0f} µs/req, added TTFT p50 {ours['added_ms']['ttft_p50']:.2f} vs "
+            f"{base['added_ms']['ttft_p50']:.2f} ms, p99 {ours['added_ms']['ttft_p99']:.2f} vs "
+            f"{base['added_ms']['ttft_p99']:.2f} ms"
+        )
+    return lines
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -761,7 +816,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig = Figure(figsize=(15, 4.8), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
-    colors = {FLEETROUTE: "#1f77b4", SGLANG: "#d62728", VLLM: "#2ca02c"}
+    colors = {FLEETROUTE: "#1f77b4", BASELINE: "#9ecae1", SGLANG: "#d62728", VLLM: "#2ca02c"}
     rows = {(r["rate"], r["target"]): r for r in report["open_loop"]}
     width = 0.8 / max(1, len(routers))
     for ax, q, target in ((axes[0], "p50", TARGET_P50_MS), (axes[1], "p99", TARGET_P99_MS)):
@@ -885,8 +940,9 @@ async def run(cfg: Config, procs: Processes, notes: list[str]) -> dict[str, Any]
         if command is None:
             notes.append(f"{name} is not installed: skipped (pip install -e '.[bench]')")
             continue
-        proc = procs.start(name, command, cores[1])
-        targets.append(Target(name, [f"http://127.0.0.1:{port}"], proc.pid, router_version(name)))
+        cwd = cfg.baseline if name == BASELINE and cfg.baseline is not None else REPO
+        proc = procs.start(name, command, cores[1], cwd)
+        targets.append(Target(name, [f"http://127.0.0.1:{port}"], proc.pid, router_version(name, cfg.baseline)))
     names = [t.name for t in targets]
     print(f"targets: {', '.join(names)}; about {estimate_seconds(cfg, len(targets)):.0f} s", file=sys.stderr)
 
@@ -927,6 +983,8 @@ async def run(cfg: Config, procs: Processes, notes: list[str]) -> dict[str, Any]
                     for _ in range(got.errors):
                         cell.outcome.fail(got.first_error or "?")
                     cell.round_p50_e2e_ms.append(pct_ms([s.e2e for s in got.samples], 50))
+                    if t.pid is not None and got.lags:
+                        cell.round_cpu_us_per_req.append(window.router_cpu_s / len(got.lags) * 1e6)
                     await asyncio.sleep(0.2)
             line = "  ".join(
                 f"{t.name} {pct_ms([s.e2e for s in cells[(rate, t.name)].outcome.samples], 50):.2f}" for t in targets

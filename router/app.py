@@ -125,6 +125,8 @@ class RouterService:
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
+        with contextlib.suppress(AttributeError):  # never started: no proxy, no pooled connections
+            self.proxy.close()
         if self._session is not None:
             await self._session.close()
 

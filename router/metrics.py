@@ -1,18 +1,26 @@
 """The router's own Prometheus metrics (prefix ``fleetroute_``, base units).
 
 Per-replica gauges (in-flight accounting, health, signal age) are read from the fleet at scrape time,
-so the hot path only increments counters and observes histograms.
+so the hot path only increments counters and observes histograms. The counters and histograms the request
+path touches (several per request, one per streamed chunk) are :class:`FastCounter` and
+:class:`FastHistogram`: plain Python numbers, exported under the same names and in the same form as
+``prometheus_client``'s, without its per-update lock and validation, which cost more than the proxying
+work around them. The event loop is their only writer, and scrapes run on the same loop.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 from router.fleet import Fleet, Health
 from router.prefix_index import PrefixIndex
@@ -25,6 +33,133 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0,
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2)
 SYNC_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+_go_float = cast(Callable[[float], str], floatToGoString)  # how prometheus_client writes ``le`` labels
+
+
+def _use_created() -> bool:
+    """``prometheus_client``'s switch for the ``_created`` series, honoured the same way."""
+    return os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in ("true", "1", "t")
+
+
+class CounterChild:
+    """One label set of a :class:`FastCounter`."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class HistogramChild:
+    """One label set of a :class:`FastHistogram`: per-bucket counts (made cumulative at scrape) and the sum."""
+
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, amount: float) -> None:
+        self.counts[bisect_left(self.bounds, amount)] += 1  # le is inclusive: the first bound >= amount
+        self.sum += amount
+
+
+class _Fast(Collector):
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+
+    def describe(self) -> Iterator[Metric]:
+        yield Metric(self.name, self.documentation, self._type)
+
+    _type = "untyped"
+
+
+class FastCounter(_Fast):
+    """A labelled counter exported like ``prometheus_client.Counter`` (``_total`` and ``_created``)."""
+
+    _type = "counter"
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
+        super().__init__(name, documentation, labelnames)
+        self._children: dict[tuple[str, ...], CounterChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> CounterChild:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+            child = self._children[values] = CounterChild()
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = Metric(self.name, self.documentation, "counter")
+        add = family.samples.append
+        created = _use_created()
+        for values, child in list(self._children.items()):
+            labels = dict(zip(self.labelnames, values, strict=True))
+            add(Sample(self.name + "_total", labels, child.value))
+            if created:
+                add(Sample(self.name + "_created", labels, child.created))
+        yield family
+
+
+class FastHistogram(_Fast):
+    """A labelled histogram exported like ``prometheus_client.Histogram`` (``_bucket``, ``_count``, ``_sum``,
+    ``_created``)."""
+
+    _type = "histogram"
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        super().__init__(name, documentation, labelnames)
+        bounds = sorted(float(b) for b in buckets)
+        if bounds[-1] != float("inf"):
+            bounds.append(float("inf"))
+        self.bounds = tuple(bounds)
+        self._le = [_go_float(b) for b in self.bounds]
+        self._children: dict[tuple[str, ...], HistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+            child = self._children[values] = HistogramChild(self.bounds)
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = Metric(self.name, self.documentation, "histogram")
+        add = family.samples.append
+        created = _use_created()
+        for values, child in list(self._children.items()):
+            labels = dict(zip(self.labelnames, values, strict=True))
+            total = 0
+            for le, count in zip(self._le, list(child.counts), strict=True):
+                total += count
+                add(Sample(self.name + "_bucket", {**labels, "le": le}, total))
+            add(Sample(self.name + "_count", labels, total))
+            add(Sample(self.name + "_sum", labels, child.sum))
+            if created:
+                add(Sample(self.name + "_created", labels, child.created))
+        yield family
 
 
 class _FleetCollector(Collector):
@@ -183,41 +318,41 @@ class RouterMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self.requests = FastCounter(
             "fleetroute_requests",
             "Requests answered, by replica (none if never dispatched), policy and HTTP status.",
             ["replica", "policy", "status"],
             registry=r,
         )
-        self.ttft = Histogram(
+        self.ttft = FastHistogram(
             "fleetroute_time_to_first_token_seconds",
             "Time from request arrival at the router to the first response byte streamed to the client.",
             ["replica"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.inter_chunk = Histogram(
+        self.inter_chunk = FastHistogram(
             "fleetroute_inter_token_latency_seconds",
             "Gap between consecutive streamed chunks as seen by the router.",
             ["replica"],
             buckets=ITL_BUCKETS,
             registry=r,
         )
-        self.duration = Histogram(
+        self.duration = FastHistogram(
             "fleetroute_request_duration_seconds",
             "Total time from arrival to the end of the response.",
             ["replica"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.decision = Histogram(
+        self.decision = FastHistogram(
             "fleetroute_routing_decision_seconds",
             "Time to build the fleet snapshot and run the routing policy.",
             ["policy"],
             buckets=DECISION_BUCKETS,
             registry=r,
         )
-        self.decisions = Counter(
+        self.decisions = FastCounter(
             "fleetroute_routing_decisions",
             "Routing decisions by policy and replica.",
             ["policy", "replica"],
@@ -232,7 +367,7 @@ class RouterMetrics:
         self.client_disconnects = Counter(
             "fleetroute_client_disconnects", "Requests abandoned by their client.", registry=r
         )
-        self.prefix_match = Counter(
+        self.prefix_match = FastCounter(
             "fleetroute_prefix_match_blocks",
             "Prompt blocks the chosen replica was believed to hold, and blocks looked up.",
             ["kind"],

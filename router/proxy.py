@@ -2,12 +2,13 @@
 
 Per request: parse the body once; hash the prompt into prefix blocks and look them up; build the fleet
 snapshot; ask the policy; take a :class:`~router.fleet.Lease` on the chosen replica; forward the
-original bytes. A failed attempt (connect error, timeout, 5xx or 429) before any byte reached the
-client is retried on another replica; after the first byte it is not, and a broken stream ends with an
-in-band error event. Stream chunks pass through untouched: accounting counts SSE events in the raw
-bytes. The lease is released in a ``finally``, so client disconnects, timeouts and errors cannot leak
-accounting; a client disconnect cancels the handler, which closes the upstream connection, which
-makes the engine abort the request.
+original bytes over a pooled upstream connection (:mod:`router.upstream`). A failed attempt (connect
+error, timeout, 5xx or 429) before any byte reached the client is retried on another replica; after the
+first byte it is not, and a broken stream ends with an in-band error event. Stream chunks pass through
+untouched, relayed from the upstream connection's protocol callback: accounting counts SSE events in the
+raw bytes. The lease is released in a ``finally``, so client disconnects, timeouts and errors cannot leak
+accounting; a client disconnect cancels the handler, which closes the upstream connection, which makes
+the engine abort the request.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_writer import StreamWriter
 from aiohttp.typedefs import Middleware
-from multidict import CIMultiDict
 
 from policies.routing.base import NoEligibleReplica, RequestFeatures, RoutingPolicy, prefill_work
 from router.api_errors import ApiError
@@ -37,13 +37,16 @@ from router.prefix_index import PrefixIndex, prompt_block_hashes
 from router.request_parse import ParsedRequest, parse_request
 from router.residency import ResidencyModel
 from router.state import InMemoryStateStore, StateStore
+from router.upstream import Upstream, UpstreamError, UpstreamPool
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 REPLICA_HEADER = "X-Fleetroute-Replica"
-_HOP_BY_HOP = frozenset(
-    h.lower()
+#: Request headers not forwarded: hop-by-hop ones, those the upstream request sets itself, and ``Expect``
+#: (the router already holds the whole body).
+_NOT_FORWARDED = frozenset(
+    h.lower().encode()
     for h in (
         "Connection",
         "Keep-Alive",
@@ -55,10 +58,12 @@ _HOP_BY_HOP = frozenset(
         "Upgrade",
         "Host",
         "Content-Length",
+        "Expect",
+        REQUEST_ID_HEADER,
     )
 )
-_SSE_EVENT = b"data: {"
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_NOTHING_TRIED: frozenset[str] = frozenset()
 
 
 class PolicyHolder:
@@ -96,13 +101,31 @@ class _UpstreamFailed(Exception):
         self.response = response
 
 
-def _forward_headers(headers: Iterable[tuple[str, str]], request_id: str) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in headers:
-        if key.lower() not in _HOP_BY_HOP:
-            out.add(key, value)
-    out[REQUEST_ID_HEADER] = request_id
-    return out
+def _forward_head(raw_headers: Iterable[tuple[bytes, bytes]], request_id: str, body_bytes: int) -> bytes:
+    """The upstream request's headers after its request line: the client's, minus those in
+    ``_NOT_FORWARDED``, plus the request id and the body length (and a JSON content type if none was sent)."""
+    parts: list[bytes] = []
+    typed = False
+    for name, value in raw_headers:
+        lower = name.lower()
+        if lower in _NOT_FORWARDED:
+            continue
+        if lower == b"content-type":
+            typed = True
+        parts.append(b"%b: %b\r\n" % (name, value))
+    if not typed:
+        parts.append(b"Content-Type: application/json\r\n")
+    parts.append(
+        b"X-Request-Id: %b\r\nContent-Length: %d\r\n\r\n" % (request_id.encode("utf-8", "surrogateescape"), body_bytes)
+    )
+    return b"".join(parts)
+
+
+class _EventStream(web.StreamResponse):
+    """A streamed reply whose headers go out with its first chunk, in one write (aiohttp sends a
+    ``StreamResponse``'s headers on their own unless told otherwise, as it does for ``Response``)."""
+
+    _send_headers_immediately = False
 
 
 def error_response(exc: ApiError, request_id: str | None = None) -> web.Response:
@@ -133,26 +156,22 @@ class Proxy:
         self._residency = residency if residency is not None else ResidencyModel(index)
         self._health = health
         self._metrics = metrics
+        # The session serves health checks and scrapes; requests go through the leaner upstream pool.
         self._session = session
+        self._pool = UpstreamPool(settings.timeouts.connect_s)
         self._tpb = TokensPerByte(settings.bytes_per_token)
-        self._connect_timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.timeouts.connect_s)
         # Request ids: unique per process start, cheaper than a uuid4 per request.
         self._id_prefix = uuid.uuid4().hex[:12] + "-"
         self._ids = itertools.count(1)
-        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     @property
     def tokens_per_byte(self) -> float:
         """Prompt tokens per prompt byte: ``1 / bytes_per_token`` at first, then learned from usage reports."""
         return self._tpb.value
 
-    def _child(self, metric: Any, *values: str) -> Any:
-        """A labelled metric child, looked up once per label set instead of once per request."""
-        key = (id(metric), values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
+    def close(self) -> None:
+        """Close the idle upstream connections (those in use close when their request ends)."""
+        self._pool.close()
 
     # ------------------------------------------------------------------ handlers
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -189,8 +208,9 @@ class Proxy:
             self._metrics.client_disconnects.inc()
             raise
         finally:
-            self._child(self._metrics.requests, replica_label, policy_name, status).inc()
-            self._child(self._metrics.duration, replica_label).observe(time.perf_counter() - arrival)
+            metrics = self._metrics
+            metrics.requests.labels(replica_label, policy_name, status).inc()
+            metrics.duration.labels(replica_label).observe(time.perf_counter() - arrival)
 
     def _features(self, parsed: ParsedRequest, request_id: str, hashes: list[int]) -> RequestFeatures:
         return RequestFeatures(
@@ -213,21 +233,27 @@ class Proxy:
         candidates = self._fleet.eligible(parsed.model, exclude)
         if not candidates:
             return None
-        matched = self._index.match(features.block_hashes) if features.block_hashes else {}
-        tokens_per_block = self._s.prefix_block_bytes * self._tpb.value
-        view = self._fleet.snapshot(candidates, {rid: round(n * tokens_per_block) for rid, n in matched.items()})
+        hashes = features.block_hashes
+        matched = self._index.match(hashes) if hashes else {}
+        if matched:
+            tokens_per_block = self._s.prefix_block_bytes * self._tpb.value
+            cached = {rid: round(n * tokens_per_block) for rid, n in matched.items()}
+            view = self._fleet.snapshot(candidates, cached)
+        else:
+            view = self._fleet.snapshot(candidates)
+        policy = self._policy
         try:
-            decision = self._policy.policy.choose(features, view)
+            decision = policy.policy.choose(features, view)
         except NoEligibleReplica:
             return None
         chosen = self._fleet.get(decision.replica.replica_id)
-        elapsed = time.perf_counter() - started
-        self._child(self._metrics.decision, self._policy.name).observe(elapsed)
+        metrics = self._metrics
+        metrics.decision.labels(policy.name).observe(time.perf_counter() - started)
         if chosen is None:
             return None
-        self._child(self._metrics.decisions, self._policy.name, chosen.id).inc()
-        self._child(self._metrics.prefix_match, "matched").inc(matched.get(chosen.id, 0))
-        self._child(self._metrics.prefix_match, "looked_up").inc(len(features.block_hashes))
+        metrics.decisions.labels(policy.name, chosen.id).inc()
+        metrics.prefix_match.labels("matched").inc(matched.get(chosen.id, 0))
+        metrics.prefix_match.labels("looked_up").inc(len(hashes))
         return chosen, decision.replica.prefix_match_tokens
 
     def _no_replica_error(self, model: str | None) -> ApiError:
@@ -238,13 +264,14 @@ class Proxy:
     async def _route_and_forward(
         self, request: web.Request, parsed: ParsedRequest, raw: bytes, path: str, request_id: str, arrival: float
     ) -> tuple[web.StreamResponse, str]:
-        hashes = prompt_block_hashes(parsed.prompt_bytes, self._s.prefix_block_bytes)
+        s = self._s
+        hashes = prompt_block_hashes(parsed.prompt_bytes, s.prefix_block_bytes)
         features = self._features(parsed, request_id, hashes)
-        headers = _forward_headers(request.headers.items(), request_id)
+        head = _forward_head(request.raw_headers, request_id, len(raw))
         tried: set[str] = set()
         last_failure: _UpstreamFailed | None = None
-        for attempt in range(self._s.max_attempts):
-            chosen = self._choose(parsed, features, frozenset(tried))
+        for attempt in range(s.max_attempts):
+            chosen = self._choose(parsed, features, frozenset(tried) if tried else _NOTHING_TRIED)
             if chosen is None:
                 break
             replica, cached = chosen
@@ -257,44 +284,48 @@ class Proxy:
                 # now on, and a reply that arrives whole (non-streamed) would otherwise race the next turn to
                 # the other routers.
                 self._store.on_record(replica.id, hashes)
+            upstream: Upstream | None = None
             try:
-                upstream_cm = self._session.post(
-                    replica.id + path, data=raw, headers=headers, timeout=self._connect_timeout
-                )
                 try:
-                    async with asyncio.timeout(self._s.timeouts.first_byte_s):
-                        upstream = await upstream_cm.__aenter__()
-                except TimeoutError:
-                    raise _UpstreamFailed("first_byte_timeout") from None
-                except (aiohttp.ClientError, OSError) as exc:
-                    raise _UpstreamFailed(f"connect: {type(exc).__name__}") from None
+                    target = self._pool.target(replica.id, path)
+                except ValueError:
+                    raise _UpstreamFailed("connect: InvalidURL") from None
                 try:
-                    if upstream.status in _RETRY_STATUSES:
-                        body = await upstream.read()
-                        raise _UpstreamFailed(
-                            f"http_{upstream.status}",
-                            (upstream.status, body, upstream.headers.get("Content-Type", "application/json")),
-                        )
-                    if upstream.status == 200:
-                        if hashes and not replica.removed:  # a removed replica must not come back in the index
-                            self._residency.record(replica.id, hashes)
-                        if parsed.session_id is not None:
-                            self._store.on_session(parsed.session_id, replica.id)
-                    response = await self._relay(request, upstream, replica, lease, parsed, arrival)
-                    if upstream.status == 200:
-                        self._store.on_served(parsed.tenant, features.prompt_tokens + lease.generated)
-                    return response, replica.id
-                finally:
-                    upstream.release()
+                    upstream = await self._pool.open(
+                        target,
+                        target.prefix + head + raw,
+                        stream=parsed.stream,
+                        first_byte_s=s.timeouts.first_byte_s,
+                        inter_chunk_s=s.timeouts.inter_chunk_s,
+                        on_tokens=lease.tokens_generated,
+                        itl=self._metrics.inter_chunk.labels(replica.id),
+                    )
+                except UpstreamError as exc:
+                    raise _UpstreamFailed(exc.reason) from None
+                status = upstream.status
+                if status in _RETRY_STATUSES:
+                    raise _UpstreamFailed(f"http_{status}", (status, upstream.take(), upstream.content_type))
+                if status == 200:
+                    if hashes and not replica.removed:  # a removed replica must not come back in the index
+                        self._residency.record(replica.id, hashes)
+                    if parsed.session_id is not None:
+                        self._store.on_session(parsed.session_id, replica.id)
+                response = await self._relay(request, upstream, replica, lease, parsed, arrival)
+                if status == 200:
+                    self._store.on_served(parsed.tenant, features.prompt_tokens + lease.generated)
+                return response, replica.id
             except _UpstreamFailed as failure:
                 lease.release()
                 last_failure = failure
+                kind = failure.reason.split(":")[0]
                 self._health.request_failed(replica, failure.reason)
-                self._metrics.upstream_errors.labels(replica.id, failure.reason.split(":")[0]).inc()
-                if attempt + 1 < self._s.max_attempts:
-                    self._metrics.retries.labels(failure.reason.split(":")[0]).inc()
+                self._metrics.upstream_errors.labels(replica.id, kind).inc()
+                if attempt + 1 < s.max_attempts:
+                    self._metrics.retries.labels(kind).inc()
                 log.warning("attempt failed", extra={"replica": replica.id, "reason": failure.reason})
             finally:
+                if upstream is not None:
+                    upstream.release()
                 lease.release()
                 self._store.on_load(replica)
         if last_failure is not None and last_failure.response is not None:
@@ -307,85 +338,67 @@ class Proxy:
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: Upstream,
         replica: ReplicaState,
         lease: Lease,
         parsed: ParsedRequest,
         arrival: float,
     ) -> web.StreamResponse:
+        """Answer the client from a ready upstream response: whole, or streamed on from its first payload."""
+        status = upstream.status
         out_headers = {
-            "Content-Type": upstream.headers.get("Content-Type", "application/json"),
+            "Content-Type": upstream.content_type,
             REQUEST_ID_HEADER: request_id_var.get() or "",
             REPLICA_HEADER: replica.id,
         }
-        is_stream = parsed.stream and upstream.status == 200
-        if not is_stream:
-            try:
-                async with asyncio.timeout(self._s.timeouts.first_byte_s):
-                    body = await upstream.read()
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise _UpstreamFailed(f"read: {type(exc).__name__}") from None
+        if not (parsed.stream and status == 200):
+            body = upstream.take()  # the whole body: the upstream waits for it unless streaming a 200
             lease.first_token()
             self._store.on_load(replica, urgent=False)
-            self._child(self._metrics.ttft, replica.id).observe(time.perf_counter() - arrival)
+            self._metrics.ttft.labels(replica.id).observe(time.perf_counter() - arrival)
             self._health.request_succeeded(replica)
-            if upstream.status == 200:
+            if status == 200:
                 self._learn_usage(parsed, body)
                 lease.generated = _usage_int(body, b'"completion_tokens":') or 0
-            return web.Response(status=upstream.status, body=body, headers=out_headers)
+            return web.Response(status=status, body=body, headers=out_headers)
 
-        # Hold the client's response until the first chunk arrives: until then nothing has reached the
-        # client, so a replica that is slow to produce its first token can still be retried elsewhere.
-        chunks = upstream.content.iter_any()
-        try:
-            async with asyncio.timeout(self._s.timeouts.first_byte_s):
-                first = await anext(chunks, b"")
-        except TimeoutError:
-            raise _UpstreamFailed("first_token_timeout") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise _UpstreamFailed(f"stream: {type(exc).__name__}") from None
+        # The client's response was held until the first payload arrived: until then nothing had reached
+        # the client, so a replica slow to produce its first token could still be retried elsewhere.
+        first = upstream.take()
         if not first:
             raise _UpstreamFailed("stream: empty response")
         lease.first_token()
         self._store.on_load(replica, urgent=False)
-        self._child(self._metrics.ttft, replica.id).observe(time.perf_counter() - arrival)
+        self._metrics.ttft.labels(replica.id).observe(time.perf_counter() - arrival)
         self._health.request_succeeded(replica)
 
-        response = web.StreamResponse(status=upstream.status, headers=out_headers)
-        response.headers["Cache-Control"] = "no-cache"
-        await response.prepare(request)
-        itl = self._child(self._metrics.inter_chunk, replica.id)
-        content = upstream.content
-        inter_chunk_s = self._s.timeouts.inter_chunk_s
-        loop = asyncio.get_running_loop()
-        last = time.perf_counter()
-        lease.tokens_generated(first.count(_SSE_EVENT))
+        out_headers["Cache-Control"] = "no-cache"
+        response = _EventStream(status=status, headers=out_headers)
+        writer = await response.prepare(request)
+        if upstream.complete:
+            # The whole stream is already here: headers, body and end in one write.
+            rest = upstream.take()
+            await response.write_eof(first + rest if rest else first)
+            self._learn_usage(parsed, upstream.tail)
+            return response
         await response.write(first)
-        tail = first[-2048:]
+        transport = request.transport
+        if transport is None or not isinstance(writer, StreamWriter):
+            raise ConnectionResetError("the client connection is gone")
         try:
-            async with asyncio.timeout(inter_chunk_s) as deadline:
-                async for chunk in chunks:
-                    now = time.perf_counter()
-                    itl.observe(now - last)
-                    last = now
-                    # Events that arrived meanwhile go out in the same write: one syscall, no delay.
-                    more = content.read_nowait()
-                    if more:
-                        chunk += more
-                    lease.tokens_generated(chunk.count(_SSE_EVENT))
-                    await response.write(chunk)
-                    tail = chunk[-2048:]
-                    deadline.reschedule(loop.time() + inter_chunk_s)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            await upstream.relay(transport, request.protocol, writer, writer.chunked)
+        except UpstreamError as exc:
             # Bytes already reached the client: no retry. End its stream with an in-band error.
-            reason = "inter_chunk_timeout" if isinstance(exc, TimeoutError) else f"stream: {type(exc).__name__}"
+            reason = exc.reason
             self._health.request_failed(replica, reason)
             self._metrics.upstream_errors.labels(replica.id, reason.split(":")[0]).inc()
             log.warning("stream broken", extra={"replica": replica.id, "reason": reason})
             err = ApiError(502, f"the replica failed mid-stream ({reason})")
             await response.write(b"data: " + err.body_bytes() + b"\n\ndata: [DONE]\n\n")
         else:
-            self._learn_usage(parsed, tail)
+            self._learn_usage(parsed, upstream.tail)
+            if upstream.sent_last_chunk:
+                writer.chunked = False  # the upstream's last chunk went out with its final read
         await response.write_eof()
         return response
 

@@ -169,3 +169,41 @@ async def test_client_disconnect_cancels_upstream_and_releases_accounting() -> N
         await asyncio.sleep(0.05)
         assert accounting(router.service) == [(0, 0, 0)]
         assert router.service.metrics.client_disconnects._value.get() == 1
+
+
+async def test_stalls_before_and_after_the_first_token() -> None:
+    """A stream whose first token is late is retried elsewhere; one that stalls after it ends in-band."""
+    async with (
+        live_replica(speed=0.05) as slow,
+        live_replica(speed=50) as fast,
+        live_router(
+            [slow.url, fast.url],
+            policy="round_robin",
+            timeouts={"first_byte_s": 0.1, "inter_chunk_s": 0.08},
+            health={"interval_s": 0.1, "eject_after_failures": 100},
+        ) as router,
+        aiohttp.ClientSession() as s,
+    ):
+        body = {"prompt": synthesize_text(20, 5), "max_tokens": 20, "ignore_eos": True, "stream": True}
+        for _ in range(2):  # round robin: one of the two lands on the slow replica first
+            async with s.post(router.url + "/v1/completions", json=body) as r:
+                assert r.status == 200 and r.headers["X-Fleetroute-Replica"] == fast.url
+                text = await r.read()
+            assert text.count(b'data: {"id"') == 20 and text.endswith(b"data: [DONE]\n\n")
+        retries = router.service.metrics.retries
+        late = retries.labels("first_byte_timeout")._value.get() + retries.labels("first_token_timeout")._value.get()
+        assert late >= 1
+
+        router.service.settings.timeouts.first_byte_s = 5.0  # the slow replica's first token now makes it
+        router.service.fleet.get(fast.url).draining = True  # type: ignore[union-attr]
+        started = time.monotonic()
+        async with s.post(router.url + "/v1/completions", json=body) as r:
+            assert r.status == 200 and r.headers["X-Fleetroute-Replica"] == slow.url
+            text = await r.read()
+        assert b"inter_chunk_timeout" in text and text.endswith(b"data: [DONE]\n\n")
+        assert time.monotonic() - started < 3.0
+        assert text.count(b'data: {"id"') >= 1
+        errors = router.service.metrics.upstream_errors.labels(slow.url, "inter_chunk_timeout")._value.get()
+        assert errors == 1
+        await asyncio.sleep(0.05)
+        assert accounting(router.service) == [(0, 0, 0), (0, 0, 0)]
