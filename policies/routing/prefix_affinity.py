@@ -98,7 +98,10 @@ class PrefixAffinity(RoutingPolicy):
         return self.a * n + self.c * n * (m + n / 2), n
 
     def estimate_ttft_ms(self, request: RequestFeatures, r: ReplicaView) -> float:
-        own, n = self.own_prefill_ms(request, r)
+        return self._estimate_ms(*self.own_prefill_ms(request, r), r)
+
+    def _estimate_ms(self, own: float, n: int, r: ReplicaView) -> float:
+        """The TTFT estimate given this request's own prefill time and uncached tokens on ``r``."""
         queued = self.a * r.inflight_prefill_new_tokens + self.c * r.inflight_prefill_attention
         steps = math.ceil((r.inflight_prefill_new_tokens + n) / self.budget)
         drag = steps * (self.step_ms + self.b * r.inflight_kv_tokens)
@@ -121,10 +124,10 @@ class PrefixAffinity(RoutingPolicy):
         for i in range(n):
             j = (i + self._tiebreak) % n  # rotate the scan so exact ties spread
             r = replicas[j]
-            ttft = self.estimate_ttft_ms(request, r) + (self.kv_pressure_ms if self._over_kv(request, r) else 0.0)
+            own, new = self.own_prefill_ms(request, r)
+            ttft = self._estimate_ms(own, new, r) + (self.kv_pressure_ms if self._over_kv(request, r) else 0.0)
             ttfts[j] = ttft
             soonest = min(soonest, ttft)
-            own = self.own_prefill_ms(request, r)[0]
             cost = ttft + (self.fleet_work_weight + self.tpot_harm_weight * r.tpot_sensitivity) * own
             if cost < best_cost:
                 best_i, best_cost, best_ttft = j, cost, ttft
