@@ -174,7 +174,6 @@ _REPLICA_BYTES = 256  # a replica's id, slot and bit object
 _RESERVED_SLOTS = 60  # slots budgeted up front: masks of up to 60 bits are 32-byte ints
 _FIXED_BYTES = 4096  # the index object, its shard list and counters
 _SHARD_TARGET = 4096  # entries per shard: a shard's resize (~100 ns per entry) stays well under a millisecond
-_SHORT_PROMPT_BLOCKS = 4  # up to this many blocks, ``match`` walks them in a plain loop
 
 
 def _table_slots(entries: int) -> int:
@@ -265,7 +264,6 @@ class PrefixIndex:
         self._free: list[int] = []  # heap: reuse low slots first so masks stay small
         self._live = 0
         self._dead = 0  # removed slots whose bits may still be in entries
-        self._mask_ids: dict[int, tuple[str, ...]] = {}  # replica ids of a mask (cleared when slots change)
         self._pending: deque[tuple[int, int]] = deque()  # (sweep count that frees it, slot)
         self._sweep_cursor = 0
         self._sweeps = 0
@@ -370,7 +368,6 @@ class PrefixIndex:
             self._bits.append(1 << slot)
         self._slot_of[replica_id] = slot
         self._live |= self._bits[slot]
-        self._mask_ids.clear()
         if len(self._ids) > self._slots_budgeted:
             self._budget(max(len(self._ids), 2 * self._slots_budgeted))
         return slot
@@ -382,7 +379,6 @@ class PrefixIndex:
             return
         bit = self._bits[slot]
         self._ids[slot] = None
-        self._mask_ids.clear()
         self._live &= ~bit
         self._dead |= bit
         self._pending.append((self._sweeps + len(self._shards), slot))
@@ -491,8 +487,7 @@ class PrefixIndex:
     def match(self, hashes: Sequence[int], *, touch: bool = False) -> dict[str, int]:
         """Leading blocks of ``hashes`` each replica is believed to hold; only replicas with at least one.
 
-        The walk runs in C (``map`` / ``accumulate`` / ``takewhile``; a plain loop for prompts of a few blocks,
-        where setting that up costs more than the walk): a running AND of the blocks'
+        The walk runs entirely in C (``map`` / ``accumulate`` / ``takewhile``): a running AND of the blocks'
         masks, starting from the live replicas, stops at the first block no replica holds, so a miss costs one
         lookup. Per-replica lengths come from binary searches over the running masks, one per distinct drop.
         ``touch`` also refreshes the matched blocks' LRU position (leading blocks most recent), which roughly
@@ -505,43 +500,29 @@ class PrefixIndex:
         if not hashes or not live:
             return {}
         shards, shard_mask = self._shards, self._shard_mask
-        # runs[k] = live & mask[0] & ... & mask[k-1]: the replicas holding at least k leading blocks.
-        if len(hashes) <= _SHORT_PROMPT_BLOCKS:
-            # A short prompt: a plain loop costs less than setting up the iterator pipeline below.
-            runs = [live]
-            run = live
-            for h in hashes:
-                run &= shards[h & shard_mask].get(h, 0)
-                if not run:
-                    break
-                runs.append(run)
+        if shard_mask:
+            shard_seq = map(shards.__getitem__, map(and_, hashes, repeat(shard_mask)))
+            masks = map(_od_get, shard_seq, hashes, repeat(0))
         else:
-            if shard_mask:
-                shard_seq = map(shards.__getitem__, map(and_, hashes, repeat(shard_mask)))
-                masks = map(_od_get, shard_seq, hashes, repeat(0))
-            else:
-                masks = map(shards[0].get, hashes, repeat(0))
-            runs = list(takewhile(bool, accumulate(masks, and_, initial=live)))
+            masks = map(shards[0].get, hashes, repeat(0))
+        # runs[k] = live & mask[0] & ... & mask[k-1]: the replicas holding at least k leading blocks.
+        runs = list(takewhile(bool, accumulate(masks, and_, initial=live)))
         matched = len(runs) - 1
         if not matched:
             return {}
         self._hit_blocks += matched
+        result: dict[str, int] = {}
+        ids = self._ids
         current = runs[matched]
-        if current == live:
-            # Every live replica holds the whole matched run (round robin over one prompt, or one replica).
-            result = dict.fromkeys(self._replica_ids(live), matched)
-        else:
-            result = {}
-            ids = self._ids
-            _assign(result, ids, current, matched)
-            end = matched + 1
-            while True:
-                first = bisect_left(runs, True, 0, end, key=current.__eq__)  # where `current` starts
-                if first <= 1:
-                    break  # replicas dropped at the first block hold nothing
-                previous = runs[first - 1]
-                _assign(result, ids, previous & ~current, first - 1)
-                current, end = previous, first
+        _assign(result, ids, current, matched)
+        end = matched + 1
+        while True:
+            first = bisect_left(runs, True, 0, end, key=current.__eq__)  # where `current` starts
+            if first <= 1:
+                break  # replicas dropped at the first block hold nothing
+            previous = runs[first - 1]
+            _assign(result, ids, previous & ~current, first - 1)
+            current, end = previous, first
         if touch:
             leading = hashes[matched - 1 :: -1]
             if shard_mask:
@@ -550,17 +531,6 @@ class PrefixIndex:
             else:
                 deque(map(shards[0].move_to_end, leading), maxlen=0)
         return result
-
-    def _replica_ids(self, mask: int) -> tuple[str, ...]:
-        """The ids of the live replicas in ``mask``, cached per mask."""
-        ids = self._mask_ids.get(mask)
-        if ids is None:
-            found: dict[str, int] = {}
-            _assign(found, self._ids, mask, 0)
-            if len(self._mask_ids) >= 1024:
-                self._mask_ids.clear()
-            ids = self._mask_ids[mask] = tuple(found)
-        return ids
 
 
 def _assign(result: dict[str, int], ids: list[str | None], bits: int, blocks: int) -> None:
