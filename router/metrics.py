@@ -14,7 +14,7 @@ import os
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -72,35 +72,49 @@ class HistogramChild:
         self.sum += amount
 
 
-class _Fast(Collector):
-    def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
+_Child = TypeVar("_Child", CounterChild, HistogramChild)
+
+
+class _Fast(Collector, Generic[_Child]):
+    """A labelled metric whose children are plain objects: no lock per update, since only the event loop
+    updates them and a scrape reads whole numbers."""
+
+    _type = "untyped"
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        new_child: Callable[[], _Child],
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
+        self._new_child: Callable[[], _Child] = new_child
+        self._children: dict[tuple[str, ...], _Child] = {}
+        registry.register(self)
 
     def describe(self) -> Iterator[Metric]:
         yield Metric(self.name, self.documentation, self._type)
 
-    _type = "untyped"
+    def labels(self, *values: str) -> _Child:
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
+            child = self._children[values] = self._new_child()
+        return child
 
 
-class FastCounter(_Fast):
+class FastCounter(_Fast[CounterChild]):
     """A labelled counter exported like ``prometheus_client.Counter`` (``_total`` and ``_created``)."""
 
     _type = "counter"
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry) -> None:
-        super().__init__(name, documentation, labelnames)
-        self._children: dict[tuple[str, ...], CounterChild] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> CounterChild:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-            child = self._children[values] = CounterChild()
-        return child
+        super().__init__(name, documentation, labelnames, registry, CounterChild)
 
     def collect(self) -> Iterator[Metric]:
         family = Metric(self.name, self.documentation, "counter")
@@ -114,7 +128,7 @@ class FastCounter(_Fast):
         yield family
 
 
-class FastHistogram(_Fast):
+class FastHistogram(_Fast[HistogramChild]):
     """A labelled histogram exported like ``prometheus_client.Histogram`` (``_bucket``, ``_count``, ``_sum``,
     ``_created``)."""
 
@@ -128,22 +142,12 @@ class FastHistogram(_Fast):
         buckets: Sequence[float],
         registry: CollectorRegistry,
     ) -> None:
-        super().__init__(name, documentation, labelnames)
         bounds = sorted(float(b) for b in buckets)
         if bounds[-1] != float("inf"):
             bounds.append(float("inf"))
         self.bounds = tuple(bounds)
         self._le = [_go_float(b) for b in self.bounds]
-        self._children: dict[tuple[str, ...], HistogramChild] = {}
-        registry.register(self)
-
-    def labels(self, *values: str) -> HistogramChild:
-        child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.labelnames):
-                raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {values}")
-            child = self._children[values] = HistogramChild(self.bounds)
-        return child
+        super().__init__(name, documentation, labelnames, registry, lambda: HistogramChild(self.bounds))
 
     def collect(self) -> Iterator[Metric]:
         family = Metric(self.name, self.documentation, "histogram")

@@ -33,10 +33,6 @@ class ResidencyModel:
         self._capacity: dict[str, int] = {}
         self.evicted_blocks = 0
 
-    @property
-    def index(self) -> PrefixIndex:
-        return self._index
-
     def capacity_blocks(self, replica_id: str) -> int | None:
         """Blocks ``replica_id`` is modelled to hold; None while its capacity is unknown (recorded unbounded)."""
         return self._capacity.get(replica_id)
