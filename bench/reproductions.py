@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from emulator.profiles import EngineProfile, StepTimeCoefficients, load_profile
+from emulator.sim.capacity import bisect_max
 from emulator.sim.fleet import FleetSimulator, SimConfig, SimResult
-from loadgen.arrivals import gamma_intervals
+from loadgen.arrivals import retime
 from loadgen.records import RequestRecord
 from loadgen.report import percentile
 from loadgen.traces import TraceError, TraceRequest, read_azure
@@ -127,14 +128,8 @@ def poisson_trace(lengths: Sequence[tuple[int, int]], count: int, qps: float, se
     every policy sees the same requests (common random numbers keep comparisons tight).
     """
     rng = random.Random(seed)
-    gaps = gamma_intervals(count, qps, 1.0, seed)
-    out: list[TraceRequest] = []
-    t = 0.0
-    for i in range(count):
-        t += gaps[i] if i else 0.0
-        prompt, output = lengths[rng.randrange(len(lengths))]
-        out.append(TraceRequest(arrival=t, input_length=prompt, output_length=output))
-    return out
+    drawn = (lengths[rng.randrange(len(lengths))] for _ in range(count))
+    return retime([TraceRequest(arrival=0.0, input_length=p, output_length=o) for p, o in drawn], qps, seed=seed)
 
 
 def client_trace(
@@ -142,14 +137,8 @@ def client_trace(
 ) -> list[TraceRequest]:
     """One client's Poisson requests of fixed lengths over ``duration_s`` seconds."""
     count = int(rate * duration_s * 1.5) + 10
-    out: list[TraceRequest] = []
-    t = 0.0
-    for i, gap in enumerate(gamma_intervals(count, rate, 1.0, seed)):
-        t += gap if i else 0.0
-        if t > duration_s:
-            break
-        out.append(TraceRequest(arrival=t, input_length=prompt, output_length=output, tenant=tenant))
-    return out
+    request = TraceRequest(arrival=0.0, input_length=prompt, output_length=output, tenant=tenant)
+    return [r for r in retime([request] * count, rate, seed=seed) if r.arrival <= duration_s]
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -238,13 +227,7 @@ def max_qps(
         return 0.0, probes
     if passes(hi):
         return hi, probes
-    while hi / lo > 1.0 + precision:
-        mid = math.sqrt(lo * hi)
-        if passes(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, probes
+    return bisect_max(passes, lo, hi, precision, probes_left=1_000), probes
 
 
 def fmt_capacity(qps: float, ceiling: float) -> str:

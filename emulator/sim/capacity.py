@@ -58,6 +58,19 @@ def run_at(trace: Sequence[TraceRequest], config: SimConfig, rate_scale: float) 
     return result, attainment(result.records, config.slos)
 
 
+def bisect_max(passes: Callable[[float], bool], lo: float, hi: float, precision: float, probes_left: int) -> float:
+    """Narrow ``lo`` (passes) and ``hi`` (fails) by geometric bisection until ``hi/lo <= 1 + precision`` or the
+    probe budget is spent; returns the last passing load. Assumes pass/fail is monotone in load."""
+    while lo > 0 and hi > 0 and hi / lo > 1 + precision and probes_left > 0:
+        mid = (lo * hi) ** 0.5
+        probes_left -= 1
+        if passes(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def find_capacity(
     trace: Sequence[TraceRequest],
     config: SimConfig,
@@ -96,13 +109,7 @@ def find_capacity(
                 lo = scale
                 break
             hi = scale
-    while lo > 0 and hi > 0 and hi / lo > 1 + precision and len(probes) < max_probes:
-        mid = (lo * hi) ** 0.5
-        if probe(mid):
-            lo = mid
-        else:
-            hi = mid
-    return CapacityResult(lo, probes)
+    return CapacityResult(bisect_max(probe, lo, hi, precision, max_probes - len(probes)), probes)
 
 
 def with_policy(config: SimConfig, policy: str) -> SimConfig:
