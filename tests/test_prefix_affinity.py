@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from policies.routing import DEFAULT_POLICY, FleetView, NoEligibleReplica, ReplicaView, RequestFeatures
@@ -53,11 +55,19 @@ def test_long_contexts_slow_prefill_through_decode_drag() -> None:
     assert p.choose(request(2_000), fleet).replica.replica_id == "r1"
 
 
-def test_avoids_replicas_that_would_run_out_of_kv() -> None:
+def test_kv_overflow_costs_its_recompute() -> None:
     p = PrefixAffinity()
+    other = view(1, inflight_requests=3, inflight_prefill_new_tokens=3_000)
+    # 20k cached tokens save ~0.6 s here, and the fleet that much compute: worth 54k tokens over the 90 % line
+    # (~1.1 s of recompute, often less: preempted blocks stay in the prefix cache) ...
     full = view(0, inflight_kv_tokens=430_000, prefix_match_tokens=20_000)
-    fleet = FleetView([full, view(1, inflight_requests=3, inflight_prefill_new_tokens=3_000)])
-    assert p.choose(request(25_000, 4_000), fleet).replica.replica_id == "r1"
+    assert p._kv_pressure_ms(request(25_000, 4_000), full) == pytest.approx(0.0208 * 54_000)
+    assert p.choose(request(25_000, 4_000), FleetView([full, other])).replica.replica_id == "r0"
+    # ... but not a replica already well past its capacity
+    over = view(0, inflight_kv_tokens=520_000, prefix_match_tokens=20_000)
+    assert p.choose(request(25_000, 4_000), FleetView([over, other])).replica.replica_id == "r1"
+    # without a published capacity there is no pressure term
+    assert p._kv_pressure_ms(request(25_000), ReplicaView("r0", 0, inflight_kv_tokens=480_000)) == 0.0
 
 
 def test_unreachable_slo_goes_where_it_delays_fewest() -> None:
@@ -66,6 +76,20 @@ def test_unreachable_slo_goes_where_it_delays_fewest() -> None:
     decision = p.choose(request(120_000), fleet)  # ~10 s of prefill anywhere
     assert decision.reason == "slo_unreachable"
     assert decision.replica.replica_id == "r1"
+
+
+def test_unreachable_slo_reuses_its_cache_when_isolated() -> None:
+    p = PrefixAffinity()
+    # r0 holds 70k of the prompt but is busy (its queue makes even the cached prompt miss the SLO);
+    # r1 is quieter but would recompute the whole 76k-token prompt (~4.5 s of compute)
+    cached = view(0, inflight_requests=9, prefix_match_tokens=70_000, inflight_prefill_new_tokens=150_000)
+    quiet = view(1, inflight_requests=2)
+    decision = p.choose(request(76_000), FleetView([cached, quiet]))
+    assert decision.reason == "slo_unreachable"
+    assert decision.replica.replica_id == "r0"
+    # with no slack for cached work, fewest in flight wins as before
+    blind = PrefixAffinity(isolation_slack_ms=math.inf)
+    assert blind.choose(request(76_000), FleetView([cached, quiet])).replica.replica_id == "r1"
 
 
 def test_ties_rotate_and_empty_fleet_raises() -> None:
