@@ -63,6 +63,18 @@ def test_records_and_summary_are_consistent() -> None:
     assert sum(r["prefix_cache_hits_tokens"] for r in replicas) == sum(r.cached_tokens for r in records)  # type: ignore[attr-defined, union-attr]
 
 
+def test_drain_is_the_work_left_after_the_last_arrival() -> None:
+    light = [TraceRequest(arrival=i * 1.0, input_length=200, output_length=10) for i in range(5)]
+    result = FleetSimulator(SimConfig(profile=H100, replicas=2, policy="round_robin")).run(light)
+    last = max(r.start + r.e2e for r in result.records)
+    assert result.drain_s == pytest.approx(last - 4.0)
+    assert result.drain_s < 0.5  # one short request, nothing queued
+    # a 60k-token prompt arriving last: its prefill (~3 s on an H100) is still owed when the load stops
+    heavy = [*light, TraceRequest(arrival=4.5, input_length=60_000, output_length=10)]
+    owed = FleetSimulator(SimConfig(profile=H100, replicas=2, policy="round_robin")).run(heavy)
+    assert owed.drain_s > 2.0
+
+
 def test_oversized_requests_fail_cleanly() -> None:
     trace = [
         TraceRequest(arrival=0.0, input_length=130_000, output_length=5000),

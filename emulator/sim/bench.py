@@ -88,9 +88,10 @@ def _run_job(job: Job) -> dict[str, Any]:
         }
         if best is not None:
             row["preemptions"] = sum(r["preemptions"] for r in best.replicas)
+            row["drain_s"] = best.drain_s
     else:
         result, att = run_at(trace, config, job.rate_scale)
-        row = {"rate_scale": job.rate_scale, "attainment": att, **_figures(result.summary)}
+        row = {"rate_scale": job.rate_scale, "attainment": att, "drain_s": result.drain_s, **_figures(result.summary)}
     row.update({"trace": job.trace_path, "policy": job.policy, "wall_s": time.perf_counter() - started})
     return row
 
@@ -178,6 +179,7 @@ def _assemble(
                 "prefix_cache_hit_rate": r.get("prefix_cache_hit_rate"),
                 "ideal_prefix_hit_rate": ideal,
                 "preemptions": r.get("preemptions"),
+                "drain_s": r.get("drain_s"),
                 "probes": r["probes"],
             }
             if ref is not None:
@@ -197,12 +199,13 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) -
         "",
         f"{args.replicas} × `{args.profile}` replicas; SLO: TTFT ≤ {DEFAULT_SLOS['ttft']:.0f} ms and TPOT ≤ "
         f"{DEFAULT_SLOS['tpot']:.0f} ms for ≥ 90 % of requests. Capacity = largest trace rate scale meeting it "
-        f"(bisection, 4 % precision). Latencies and hit rate at that capacity; `p99 TTFT @ref` at 80 % of "
-        f"round_robin's capacity. Wall time {wall:.0f} s.",
+        f"(bisection, 4 % precision). Latencies, hit rate and drain (last arrival to last completion: work "
+        f"left when the load stopped) at that capacity; `p99 TTFT @ref` at 80 % of round_robin's capacity. "
+        f"Wall time {wall:.0f} s.",
         "",
         "| trace | policy | capacity (×) | vs RR | vs best anchor | median TTFT ms | p99 TTFT ms | p99 TPOT ms "
-        "| prefix hit | ideal hit | p99 TTFT @ref ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| prefix hit | ideal hit | drain s | p99 TTFT @ref ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ref = r.get("reference", {})
@@ -211,7 +214,7 @@ def _report(rows: list[dict[str, Any]], args: argparse.Namespace, wall: float) -
             f"{_fmt(r['vs_round_robin'], '.2f')} | {_fmt(r['vs_best_anchor'], '.2f')} | "
             f"{_fmt(r['median_ttft_ms'], '.0f')} | {_fmt(r['p99_ttft_ms'], '.0f')} | {_fmt(r['p99_tpot_ms'], '.1f')} | "
             f"{_fmt(r['prefix_cache_hit_rate'], '.1%')} | {_fmt(r['ideal_prefix_hit_rate'], '.1%')} | "
-            f"{_fmt(ref.get('p99_ttft_ms'), '.0f')} |"
+            f"{_fmt(r.get('drain_s'), '.0f')} | {_fmt(ref.get('p99_ttft_ms'), '.0f')} |"
         )
     lines += ["", "![capacity](capacity.png)", ""]
     return "\n".join(lines)

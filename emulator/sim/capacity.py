@@ -41,6 +41,7 @@ class Probe:
     attainment: float
     summary: dict[str, Any]
     replicas: list[dict[str, Any]]
+    drain_s: float = 0.0
 
 
 @dataclass
@@ -85,7 +86,7 @@ def find_capacity(
 
     def probe(scale: float) -> bool:
         result, att = run_at(trace, config, scale)
-        p = Probe(scale, att, result.summary, result.replicas)
+        p = Probe(scale, att, result.summary, result.replicas, result.drain_s)
         probes.append(p)
         if on_probe is not None:
             on_probe(p)

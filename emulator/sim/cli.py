@@ -73,11 +73,15 @@ def run_sim(args: argparse.Namespace) -> int:
         "rate_scale": args.rate_scale,
         "trace": str(args.trace),
         "virtual_time_s": result.virtual_time_s,
+        "drain_s": result.drain_s,
         "wall_time_s": wall,
         "per_replica": result.replicas,
     }
     print(format_summary(summary, title=f"Simulation: {args.policy} on {args.replicas} x {profile.name}"))
-    print(f"simulated {result.virtual_time_s:.0f} s in {wall:.1f} s wall ({result.events} events)")
+    print(
+        f"simulated {result.virtual_time_s:.0f} s in {wall:.1f} s wall ({result.events} events); "
+        f"the last request finished {result.drain_s:.1f} s after the last arrival"
+    )
     if args.output is not None:
         from loadgen.output import write_results
 

@@ -54,6 +54,10 @@ class SimResult:
     replicas: list[dict[str, Any]]
     virtual_time_s: float
     events: int
+    #: From the last arrival to the last completion: work the fleet still owed when the load stopped. A
+    #: finite trace lets a policy defer work past its end; a long drain at a "passing" load means the fleet
+    #: could not have sustained that load.
+    drain_s: float = 0.0
 
 
 class _Observer:
@@ -155,7 +159,10 @@ class FleetSimulator:
             if record.error is None and record.ttft is None:
                 record.error = "did not complete before the simulation ended"
         summary = summarize(records, self.config.slos)
-        return SimResult(records, summary, self._replica_stats(), self.now, self.events)
+        last_arrival = max((r.start for r in records), default=0.0)
+        return SimResult(
+            records, summary, self._replica_stats(), self.now, self.events, drain_s=max(0.0, self.now - last_arrival)
+        )
 
     # ------------------------------------------------------------------ events
     def _push(self, t: float, kind: int, payload: Any) -> None:
