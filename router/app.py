@@ -160,7 +160,7 @@ class RouterService:
         under Llama-3 tokenizers) until the engines' usage reports calibrate it. A replica that exports no
         capacity keeps being recorded without bound.
         """
-        tokens_per_block = self.settings.prefix_block_bytes * self.proxy.tokens_per_byte
+        tokens_per_block = self.proxy.tokens_per_block
         for replica in self.fleet.all():
             signals = replica.signals
             if signals is not None and signals.kv_capacity_tokens:

@@ -165,9 +165,10 @@ class Proxy:
         self._ids = itertools.count(1)
 
     @property
-    def tokens_per_byte(self) -> float:
-        """Prompt tokens per prompt byte: ``1 / bytes_per_token`` at first, then learned from usage reports."""
-        return self._tpb.value
+    def tokens_per_block(self) -> float:
+        """Prompt tokens per prefix-index block (``prefix_block_bytes`` of prompt text) at the proxy's tokens per
+        byte: ``1 / bytes_per_token`` at first, then learned from usage reports."""
+        return self._s.prefix_block_bytes * self._tpb.value
 
     def close(self) -> None:
         """Close the idle upstream connections (those in use close when their request ends)."""
@@ -236,7 +237,7 @@ class Proxy:
         hashes = features.block_hashes
         matched = self._index.match(hashes) if hashes else {}
         if matched:
-            tokens_per_block = self._s.prefix_block_bytes * self._tpb.value
+            tokens_per_block = self.tokens_per_block
             cached = {rid: round(n * tokens_per_block) for rid, n in matched.items()}
             view = self._fleet.snapshot(candidates, cached)
         else:
