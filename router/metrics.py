@@ -10,12 +10,12 @@ work around them. The event loop is their only writer, and scrapes run on the sa
 
 from __future__ import annotations
 
-import os
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
+import prometheus_client.metrics
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -39,8 +39,9 @@ _go_float = cast(Callable[[float], str], floatToGoString)  # how prometheus_clie
 
 
 def _use_created() -> bool:
-    """``prometheus_client``'s switch for the ``_created`` series, honoured the same way."""
-    return os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in ("true", "1", "t")
+    """``prometheus_client``'s own switch for the ``_created`` series (``PROMETHEUS_DISABLE_CREATED_SERIES`` at
+    import, ``disable_created_metrics()`` at run time), read where its metrics read it."""
+    return bool(getattr(prometheus_client.metrics, "_use_created", True))
 
 
 class CounterChild:

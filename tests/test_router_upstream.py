@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import prometheus_client.metrics
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
@@ -403,3 +404,14 @@ def test_fast_metrics_export_exactly_what_prometheus_client_would() -> None:
     assert lines(ours) == lines(theirs)
     created: Any = [line for line in generate_latest(ours).decode().splitlines() if "_created{" in line]
     assert len(created) == 3
+
+
+def test_fast_metrics_follow_prometheus_clients_created_switch() -> None:
+    registry = CollectorRegistry()
+    FastCounter("z", "Count.", ["a"], registry=registry).labels("p").inc()
+    prometheus_client.metrics.disable_created_metrics()
+    try:
+        assert "z_created" not in generate_latest(registry).decode()
+    finally:
+        prometheus_client.metrics.enable_created_metrics()
+    assert "z_created" in generate_latest(registry).decode()
