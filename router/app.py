@@ -84,6 +84,7 @@ class RouterService:
             self._session,
             store=self.state,
             residency=self.residency,
+            engine_config=self.engine_config,
         )
 
         # The store first: it never blocks startup (an unreachable Redis only reads "down"), and replicas

@@ -29,6 +29,7 @@ from aiohttp.typedefs import Middleware
 from policies.routing.base import NoEligibleReplica, RequestFeatures, RoutingPolicy, prefill_work
 from router.api_errors import ApiError
 from router.config import RouterSettings
+from router.engine_config import EngineConfigurator, body_with_priority
 from router.fleet import Fleet, Lease, ReplicaState
 from router.health import HealthMonitor
 from router.logs import request_id_var
@@ -145,8 +146,11 @@ class Proxy:
         session: aiohttp.ClientSession,
         store: StateStore | None = None,
         residency: ResidencyModel | None = None,
+        engine_config: EngineConfigurator | None = None,
     ) -> None:
         self._s = settings
+        # Consulted per attempt only when some group's engine order travels in the request's ``priority``.
+        self._engine_config = engine_config if engine_config is not None and engine_config.sets_priority else None
         self._store = store or InMemoryStateStore()
         self._fleet = fleet
         self._policy = policy
@@ -291,10 +295,16 @@ class Proxy:
                     target = self._pool.target(replica.id, path)
                 except ValueError:
                     raise _UpstreamFailed("connect: InvalidURL") from None
+                message = head + raw
+                if self._engine_config is not None:
+                    priority = self._engine_config.request_priority(replica, features.prompt_tokens)
+                    if priority is not None:
+                        body = body_with_priority(raw, priority)
+                        message = _forward_head(request.raw_headers, request_id, len(body)) + body
                 try:
                     upstream = await self._pool.open(
                         target,
-                        target.prefix + head + raw,
+                        target.prefix + message,
                         stream=parsed.stream,
                         first_byte_s=s.timeouts.first_byte_s,
                         inter_chunk_s=s.timeouts.inter_chunk_s,

@@ -1,7 +1,7 @@
 """Read what routing needs from an OpenAI request body, once, and nothing more.
 
-The body is forwarded as received; only a policy that must set the engine's ``priority`` field causes
-a re-serialisation.
+The body is forwarded as received, never re-serialised; a replica group whose engine order travels in
+vLLM's ``priority`` field gets that one member appended (router/engine_config.py).
 """
 
 from __future__ import annotations

@@ -7,13 +7,17 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from typing import Any
 
 import aiohttp
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from emulator.request import EngineRequest
 from emulator.tokenizer import synthesize_text
+from policies.scheduling import make_scheduling_policy
+from router.engine_config import body_with_priority
 from tests.live import live_replica, live_router
 from tests.live import openai_client as client
 
@@ -197,6 +201,59 @@ async def test_engine_scheduler_is_applied_to_emulated_replicas() -> None:
             await asyncio.sleep(0.02)
         assert a.replica.engine.scheduler.policy.name == "priority"
         assert router.service.fleet.all()[0].applied_scheduler == "priority"
+
+
+async def test_sjf_reaches_a_vllm_replica_through_the_priority_field() -> None:
+    """A vLLM replica of an ``sjf`` group gets the prompt's token count as ``priority`` (it runs vLLM's
+    ``priority`` order); an emulated replica in the same group runs ``sjf`` itself and gets the body as sent."""
+    async with (
+        live_replica() as vllm,
+        live_replica() as emulated,
+        live_router(
+            [f"{vllm.url},kind=vllm,group=g", f"{emulated.url},kind=emulator,group=g"],
+            engine_schedulers={"g": "sjf"},
+            policy="round_robin",
+        ) as router,
+    ):
+        vllm.replica.engine.set_policy(make_scheduling_policy("priority"))
+        seen: dict[str, list[tuple[int, int]]] = {vllm.url: [], emulated.url: []}
+        for replica in (vllm, emulated):
+            submit = replica.replica.runner.submit
+
+            def capture(
+                request: EngineRequest, _log: list[tuple[int, int]] = seen[replica.url], _submit: Any = submit
+            ) -> Any:
+                _log.append((request.priority, request.num_prompt_tokens))
+                return _submit(request)
+
+            replica.replica.runner.submit = capture  # type: ignore[method-assign]
+        c = client(router.api)
+        sent = {300: None, 40: 7, 1200: None, 90: -3}  # prompt tokens -> the client's own priority
+        for i, (tokens, client_priority) in enumerate(sent.items()):
+            extra: dict[str, object] = {"ignore_eos": True}
+            if client_priority is not None:
+                extra["priority"] = client_priority
+            done = await c.completions.create(
+                model=MODEL, prompt=synthesize_text(tokens, 10 + i), max_tokens=2, extra_body=extra
+            )
+            assert done.usage and done.usage.prompt_tokens == tokens
+        assert len(seen[vllm.url]) == 2 and len(seen[emulated.url]) == 2
+        for priority, prompt_tokens in seen[vllm.url]:
+            # Set from the prompt's bytes, so close to the engine's count but not equal; never the client's.
+            assert priority not in (0, 7, -3)
+            assert 0.5 * prompt_tokens < priority < 2.0 * prompt_tokens, (priority, prompt_tokens)
+        assert all(priority == (sent[n] or 0) for priority, n in seen[emulated.url])
+        assert emulated.replica.engine.scheduler.policy.name == "sjf"
+
+
+def test_priority_is_appended_as_the_last_member() -> None:
+    for raw in (b'{"model":"m","prompt":"x"}', b'{"priority":5,"prompt":"x"}  \n', b'{"a":{"b":1}}'):
+        body = json.loads(body_with_priority(raw, 1234))
+        assert body["priority"] == 1234 and {k: v for k, v in body.items() if k != "priority"} == {
+            k: v for k, v in json.loads(raw).items() if k != "priority"
+        }
+    with pytest.raises(ValueError):
+        body_with_priority(b"[1, 2]", 1)
 
 
 def test_invalid_configuration_names_the_field() -> None:

@@ -15,8 +15,9 @@ def _shortest(request: SchedulableRequest) -> tuple[int, float]:
 class SjfPolicy(EngineSchedulingPolicy):
     """Shortest prompt first, ties by arrival; preempts the most recently admitted request as vLLM does.
 
-    Reaches a real vLLM through ``priority`` (the router sends the prompt-length bucket as the priority of
-    a ``--scheduling-policy priority`` replica); short prompts can starve long ones under sustained load.
+    Reaches a real vLLM through ``priority``: for a vLLM replica started with ``--scheduling-policy
+    priority`` the router sets each request's ``priority`` to its prompt's token count (its estimate from
+    the prompt's bytes). Short prompts can starve long ones under sustained load.
     """
 
     name = "sjf"
