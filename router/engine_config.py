@@ -25,16 +25,17 @@ _PRIORITY_BY_PROMPT_TOKENS = frozenset({"sjf"})
 
 
 def body_with_priority(raw: bytes, priority: int) -> bytes:
-    """``raw`` (a non-empty JSON object, as parsed) with ``"priority": priority`` added as its last member.
+    """``raw`` (a JSON object, as parsed) with ``"priority": priority`` added as its last member.
 
     A client's own ``priority`` earlier in the body is overridden: JSON parsers in Python, vLLM's included,
-    keep the last of duplicate keys. Appending costs one copy, where re-serialising a 100k-token prompt costs
+    keep the last of duplicate keys. Appending costs a copy, where re-serialising a 100k-token prompt costs
     milliseconds.
     """
-    end = raw.rstrip().rfind(b"}")
-    if end < 1:
+    members = raw[: raw.rfind(b"}")].rstrip()
+    if not raw.lstrip().startswith(b"{") or not members:
         raise ValueError("the request body is not a JSON object")
-    return b'%b,"priority":%d}' % (raw[:end], priority)
+    separator = b"" if members.endswith(b"{") else b","
+    return b'%b%b"priority":%d}' % (members, separator, priority)
 
 
 class EngineConfigurator:

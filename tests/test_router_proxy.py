@@ -247,13 +247,14 @@ async def test_sjf_reaches_a_vllm_replica_through_the_priority_field() -> None:
 
 
 def test_priority_is_appended_as_the_last_member() -> None:
-    for raw in (b'{"model":"m","prompt":"x"}', b'{"priority":5,"prompt":"x"}  \n', b'{"a":{"b":1}}'):
+    for raw in (b'{"model":"m","prompt":"x"}', b'{"priority":5,"prompt":"x"}  \n', b'{"a":{"b":1}}', b"{ }"):
         body = json.loads(body_with_priority(raw, 1234))
         assert body["priority"] == 1234 and {k: v for k, v in body.items() if k != "priority"} == {
             k: v for k, v in json.loads(raw).items() if k != "priority"
         }
-    with pytest.raises(ValueError):
-        body_with_priority(b"[1, 2]", 1)
+    for not_an_object in (b"[1, 2]", b"", b"[{}]"):
+        with pytest.raises(ValueError):
+            body_with_priority(not_an_object, 1)
 
 
 def test_invalid_configuration_names_the_field() -> None:
