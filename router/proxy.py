@@ -295,16 +295,16 @@ class Proxy:
                     target = self._pool.target(replica.id, path)
                 except ValueError:
                     raise _UpstreamFailed("connect: InvalidURL") from None
-                message = head + raw
+                forward_head, body = head, raw
                 if self._engine_config is not None:
                     priority = self._engine_config.request_priority(replica, features.prompt_tokens)
                     if priority is not None:
                         body = body_with_priority(raw, priority)
-                        message = _forward_head(request.raw_headers, request_id, len(body)) + body
+                        forward_head = _forward_head(request.raw_headers, request_id, len(body))
                 try:
                     upstream = await self._pool.open(
                         target,
-                        target.prefix + message,
+                        target.prefix + forward_head + body,
                         stream=parsed.stream,
                         first_byte_s=s.timeouts.first_byte_s,
                         inter_chunk_s=s.timeouts.inter_chunk_s,
